@@ -1,0 +1,1 @@
+"""sopq: per-layer activation-weighted codebook quantization of transformer weights."""

@@ -1,0 +1,26 @@
+"""Per-layer reconstruction metrics, all in float64."""
+from __future__ import annotations
+
+import torch
+
+
+def _h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """tr(A H B^T): the inner product of two weight matrices under the input Gram matrix."""
+    return ((A @ H) * B).sum()
+
+
+def layer_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> dict[str, float]:
+    """e_out: tr(dW H dW^T) / tr(W H W^T), the relative error of the layer's outputs on the
+    calibration inputs; mse: ||dW||^2 / ||W||^2; acos: cosine of W and W_hat under the H inner
+    product (activation-weighted cosine similarity)."""
+    W, W_hat, H = W.double(), W_hat.double(), H.double()
+    dW = W - W_hat
+    w_norm = _h_inner(W, W, H)
+    what_norm = _h_inner(W_hat, W_hat, H)
+    return {
+        "e_out": (_h_inner(dW, dW, H) / w_norm).item() if w_norm > 0 else float("nan"),
+        "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else float("nan"),
+        "acos": (_h_inner(W, W_hat, H) / (w_norm * what_norm).sqrt()).item()
+        if w_norm > 0 and what_norm > 0
+        else float("nan"),
+    }

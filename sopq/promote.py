@@ -1,0 +1,91 @@
+"""Bit allocation across layers: minimise predicted model error under an average-bpw budget.
+
+Choose bits b_l per layer to minimise sum_l alpha_l * E_out(l, b_l) subject to
+sum_l n_l * bpw(l, b_l) <= budget * sum_l n_l, solved exactly as a MILP with one binary
+variable per (layer, option). Tie groups force layers to share their bits (e.g. q/k/v).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+
+class InfeasibleBudget(ValueError):
+    pass
+
+
+def tie_group_members(layers: list[str], tie_groups: list[list[str]]) -> list[list[str]]:
+    """Layers that must share bits: within one parent module, those whose last name component
+    matches a pattern of the same tie group (e.g. [q_proj, k_proj, v_proj])."""
+    tied = []
+    for patterns in tie_groups:
+        by_parent: dict[str, list[str]] = {}
+        for layer in layers:
+            parent, _, leaf = layer.rpartition(".")
+            if any(re.fullmatch(p, leaf) for p in patterns):
+                by_parent.setdefault(parent, []).append(layer)
+        tied.extend(members for members in by_parent.values() if len(members) > 1)
+    return tied
+
+
+def promote(sensitivity: pd.DataFrame, budget_bpw: float, tie_groups: list[list[str]] = ()) -> pd.DataFrame:
+    """sensitivity: one row per (layer, bits) with columns layer, bits, n, k, bpw, e_out, alpha.
+    Returns one row per layer (in first-seen order) with the chosen option and e_out_pred."""
+    table = sensitivity.reset_index(drop=True)
+    layers = list(dict.fromkeys(table["layer"]))
+    weights = (table["n"] * table["k"]).to_numpy(dtype=float)
+    total_weights = (
+        table.drop_duplicates("layer").set_index("layer").loc[layers].eval("n * k").sum()
+    )
+    smallest = table.assign(nb=weights * table["bpw"]).groupby("layer")["nb"].min().sum() / total_weights
+    if budget_bpw < smallest - 1e-12:
+        raise InfeasibleBudget(
+            f"budget_bpw={budget_bpw} is infeasible: the smallest achievable average is "
+            f"{smallest:.4f} bits per weight with the allowed bits; raise budget_bpw to at least that"
+        )
+    cost = (table["alpha"] * table["e_out"]).to_numpy(dtype=float)
+    if not np.isfinite(cost).all():
+        bad = table.loc[~np.isfinite(cost), "layer"].unique()[:3]
+        raise ValueError(f"non-finite alpha * e_out for layers {list(bad)}; check the sensitivity table")
+    n_var = len(table)
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    ties = tie_group_members(layers, tie_groups)
+    n_tie_rows = sum(len(m) - 1 for m in ties) * table["bits"].nunique()
+    A = lil_matrix((len(layers) + 1 + n_tie_rows, n_var))
+    for var, layer in enumerate(table["layer"]):
+        A[row_of[layer], var] = 1  # exactly one option per layer
+    A[len(layers), :] = weights * table["bpw"].to_numpy()  # the budget
+    lo = np.r_[np.ones(len(layers)), -np.inf]
+    hi = np.r_[np.ones(len(layers)), budget_bpw * total_weights]
+    row = len(layers) + 1
+    index = {(l, b): v for v, (l, b) in enumerate(zip(table["layer"], table["bits"]))}
+    for members in ties:
+        for other in members[1:]:
+            for bits in table["bits"].unique():
+                # x[first, bits] - x[other, bits] == 0; an option missing on one side is forbidden.
+                if (members[0], bits) in index:
+                    A[row, index[members[0], bits]] = 1
+                if (other, bits) in index:
+                    A[row, index[other, bits]] = -1
+                row += 1
+    lo = np.r_[lo, np.zeros(row - len(layers) - 1)]
+    hi = np.r_[hi, np.zeros(row - len(layers) - 1)]
+    result = milp(
+        cost,
+        constraints=LinearConstraint(A[:row].tocsr(), lo, hi),
+        integrality=np.ones(n_var),
+        bounds=Bounds(0, 1),
+    )
+    if result.status != 0 or result.x is None:
+        raise InfeasibleBudget(
+            f"no bit allocation meets budget_bpw={budget_bpw} with the tie groups {list(tie_groups)}: "
+            f"{result.message}; raise budget_bpw or remove tie groups"
+        )
+    chosen = table.loc[result.x > 0.5].set_index("layer").loc[layers].reset_index()
+    chosen["e_out_pred"] = chosen["e_out"]
+    chosen["budget_bpw"] = budget_bpw
+    return chosen[["layer", "bits", "group", "scale_format", "n", "k", "bpw", "e_out_pred", "alpha", "budget_bpw"]]
