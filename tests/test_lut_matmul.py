@@ -1,0 +1,116 @@
+"""lut_matmul against the float64 reference; without a GPU, conftest.py puts Triton in interpreter mode."""
+import itertools
+
+import pytest
+import torch
+
+from kernels import lut_matmul, reference_lut_matmul
+from sopq.formats import encode_scales, num_groups
+from sopq.packing import pack_codes
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
+ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
+# (M, N, K): none a multiple of every block size (interpreter blocks are 16+ x 512 x 128,
+# GPU blocks 16+ x 64 x 64), with N > 512 and K > 128 to cross block boundaries.
+SHAPES = [(1, 37, 100), (5, 70, 129), (17, 530, 257), (33, 130, 64), (8, 3, 300), (2, 96, 40)]
+GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
+
+
+def make_layer(n, k, bits, group, scale_format, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    codebook = torch.randn(2**bits, generator=gen)
+    scales = torch.rand(n, num_groups(k, group), generator=gen) * 2 + 0.05
+    return codes, pack_codes(codes, bits), codebook, encode_scales(scales, scale_format)
+
+
+def relative_error(y, y_ref):
+    return ((y.cpu().double() - y_ref).norm() / y_ref.norm()).item()
+
+
+CASES = [
+    (bits, scale_format, dtype, SHAPES[i % len(SHAPES)], group)
+    for i, (bits, scale_format, dtype, group) in enumerate(
+        itertools.product(range(4, 9), SCALE_FORMATS, ACTIVATIONS, GROUPS)
+    )
+]
+
+
+@pytest.mark.parametrize("bits, scale_format, dtype, shape, group", CASES)
+def test_matches_reference(bits, scale_format, dtype, shape, group):
+    m, n, k = shape
+    group = group or k
+    _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 100 + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    args = dict(bits=bits, group=group, n=n, k=k)
+    y = lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, **args)
+    assert y is out and y.dtype == dtype and y.shape == (m, n)
+    assert torch.isfinite(y).all()
+    y_ref = reference_lut_matmul(x, words, codebook, scales, **args)
+    assert relative_error(y, y_ref) < 1e-2
+
+
+def test_reference_matches_dense_product():
+    # Guards the oracle itself: codes, codebook and scales decoded by hand.
+    codes = torch.tensor([[0, 1, 2], [3, 3, 1]])
+    codebook = torch.linspace(-1, 1, 16)
+    scales = torch.tensor([[2.0, 0.5], [1.0, 4.0]], dtype=torch.float16)
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    w_hat = torch.stack([
+        torch.stack([2.0 * codebook[0], 2.0 * codebook[1], 0.5 * codebook[2]]),
+        torch.stack([1.0 * codebook[3], 1.0 * codebook[3], 4.0 * codebook[1]]),
+    ])
+    y_ref = reference_lut_matmul(x, pack_codes(codes, 4), codebook, scales, bits=4, group=2, n=2, k=3)
+    assert torch.allclose(y_ref, (x @ w_hat.T).double(), atol=1e-6)
+
+
+def test_strided_x_and_fresh_output():
+    n, k, m, bits, group = 45, 96, 6, 6, 32
+    _, words, codebook, scales = make_layer(n, k, bits, group, "bf16", seed=7)
+    x = torch.randn(k, m, generator=torch.Generator().manual_seed(1)).T  # not contiguous
+    args = dict(bits=bits, group=group, n=n, k=k)
+    y = lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), **args)
+    assert relative_error(y, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-4
+
+
+def test_nan_in_codebook_reaches_output():
+    n, k, m, bits, group = 20, 70, 3, 5, 32
+    codes, words, codebook, scales = make_layer(n, k, bits, group, "fp16", seed=3)
+    poisoned = codes[0, 5].item()
+    codebook[poisoned] = float("nan")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    y = lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE),
+                   bits=bits, group=group, n=n, k=k).cpu()
+    uses_poisoned = (codes == poisoned).any(dim=1)
+    assert torch.isnan(y[:, uses_poisoned]).all()
+    assert torch.isfinite(y[:, ~uses_poisoned]).all()
+
+
+def test_unused_nan_codebook_entry_does_not_leak_from_padding():
+    # Padding lanes (K and N past the end) decode as code 0; a NaN there must not reach y.
+    n, k, m, bits, group = 21, 77, 2, 4, 32
+    codes = torch.randint(1, 2**bits, (n, k), generator=torch.Generator().manual_seed(4))
+    codebook = torch.randn(2**bits)
+    codebook[0] = float("nan")
+    scales = encode_scales(torch.ones(n, num_groups(k, group)), "e8m0")
+    x = torch.randn(m, k)
+    y = lut_matmul(x.to(DEVICE), pack_codes(codes, bits).to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE),
+                   bits=bits, group=group, n=n, k=k)
+    assert torch.isfinite(y).all()
+
+
+def test_rejects_bad_input():
+    n, k, bits, group = 8, 40, 6, 32
+    _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, bits, group, "fp16", seed=0))
+    x = torch.randn(2, k, device=DEVICE)
+    args = dict(bits=bits, group=group, n=n, k=k)
+    with pytest.raises(ValueError, match="packed_words"):
+        lut_matmul(x, words[:-1], codebook, scales, **args)
+    with pytest.raises(ValueError, match="stored scale format"):
+        lut_matmul(x, words, codebook, scales.float(), **args)
+    with pytest.raises(ValueError, match="shape"):
+        lut_matmul(x[:, :-1], words, codebook, scales, **args)
+    with pytest.raises(ValueError, match="out must be"):
+        lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
