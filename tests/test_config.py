@@ -1,0 +1,38 @@
+import copy
+
+import pytest
+import yaml
+
+from sopq.config import ConfigError, validate_config
+
+
+@pytest.fixture
+def config():
+    with open("config.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_default_config_is_valid(config):
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(budget=6), r"\(top level\): Additional properties are not allowed \('budget' was unexpected\)"),
+        (lambda c: c.update(budget_bpw="six"), r"budget_bpw: 'six' is not of type 'number'"),
+        (lambda c: c["quantization"].update(group=48), r"quantization.group: 48 is not valid"),
+        (lambda c: c["quantization"].update(allowed_bits=[3, 6]), r"quantization.allowed_bits.0: 3 is not one of"),
+        (lambda c: c["quantization"].update(bits=7, allowed_bits=[4, 6]), r"quantization.bits: 7 must be one of"),
+        (lambda c: c["families"]["bert"].update(kind="decoder"), r"families.bert.kind: 'decoder' is not one of"),
+        (lambda c: c["families"]["bert"].pop("source"), r"families.bert: 'source' is a required property"),
+        (lambda c: c["layers"].update(exclude=["(unclosed"]), r"layers.exclude: bad regular expression"),
+        (lambda c: c.pop("calibration"), r"'calibration' is a required property"),
+    ],
+)
+def test_bad_config_is_one_clear_line(config, change, message):
+    bad = copy.deepcopy(config)
+    change(bad)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(bad)
+    assert "\n" not in str(error.value)
