@@ -1,0 +1,188 @@
+"""End-to-end quality of weight variants against the unquantized model, and per-layer importance.
+
+One harness for every variant (SOP, baselines, the reference), so their numbers are comparable:
+same sequences, same batches, same reference outputs.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import KINDS, get_weight, run_model, set_weight
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
+
+
+def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
+    """causal_lm: next-token logits (B, S, V); encoder: L2-normalised mean-pooled embeddings (B, D), float64."""
+    out = run_model(model, batch)
+    if kind == "causal_lm":
+        return out.logits
+    # run_model's attention mask is all ones, so the mask-weighted mean is the plain mean over tokens.
+    pooled = out.last_hidden_state.double().mean(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _next_token_metrics(ref_logits, logits, input_ids, rows: int = 256):
+    """Per predicted token: NLL of the true next token, KL(ref || variant), and argmax agreement.
+
+    Positions 0..S-2 predict tokens 1..S-1. Row chunks in float64 keep memory bounded (vocab ~49k)
+    and small KL values exact enough.
+    """
+    V = logits.shape[-1]
+    ref = ref_logits[:, :-1].reshape(-1, V)
+    cur = logits[:, :-1].reshape(-1, V)
+    targets = input_ids[:, 1:].reshape(-1, 1)
+    nll, kl, agree = [], [], []
+    for start in range(0, ref.shape[0], rows):
+        logp_ref = ref[start : start + rows].double().log_softmax(-1)
+        logp = cur[start : start + rows].double().log_softmax(-1)
+        nll.append(-logp.gather(1, targets[start : start + rows]).squeeze(1))
+        kl.append((logp_ref.exp() * (logp_ref - logp)).sum(-1))
+        agree.append(logp_ref.argmax(-1) == logp.argmax(-1))
+    return torch.cat(nll), torch.cat(kl), torch.cat(agree)
+
+
+def _one_minus_cosine(ref_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    # For unit vectors 1 - cos = |a - b|^2 / 2: exact 0 for identical inputs and no cancellation near 1.
+    return (ref_emb - emb).square().sum(-1) / 2
+
+
+@torch.no_grad()
+def evaluate_variants(
+    model: nn.Module,
+    kind: str,
+    layers: dict[str, nn.Module],
+    variants: dict[str, dict[str, torch.Tensor]],
+    sequences: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every variant (layer -> W_hat (N, K); empty = the reference) and compare with the reference.
+
+    causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
+    encoder columns: variant, cosine_mean, cosine_min (pooled embeddings). Original weights are
+    restored afterwards, also on errors.
+    """
+    _check_kind(kind)
+    for variant, weights in variants.items():
+        unknown = sorted(set(weights) - set(layers))
+        if unknown:
+            raise ValueError(f"variant {variant!r} names layers that are not quantizable layers: {unknown[:5]}")
+    touched = {name for weights in variants.values() for name in weights}
+    originals = {name: get_weight(layers[name]).clone() for name in touched}
+    nll = {v: [] for v in variants}
+    kl = {v: [] for v in variants}
+    agree = {v: [] for v in variants}
+    one_minus_cos = {v: [] for v in variants}
+    for batch in tqdm(sequences.split(batch_size), desc="evaluate", disable=not progress):
+        ref = _model_output(model, kind, batch)
+        for variant, weights in variants.items():
+            try:
+                for name, W_hat in weights.items():
+                    set_weight(layers[name], W_hat)
+                out = _model_output(model, kind, batch) if weights else ref
+            finally:
+                for name in weights:
+                    set_weight(layers[name], originals[name])
+            if kind == "causal_lm":
+                batch_nll, batch_kl, batch_agree = _next_token_metrics(ref, out, batch)
+                nll[variant].append(batch_nll)
+                kl[variant].append(batch_kl)
+                agree[variant].append(batch_agree)
+            else:
+                one_minus_cos[variant].append(_one_minus_cosine(ref, out))
+
+    rows = []
+    for variant in variants:
+        if kind == "causal_lm":
+            token_kl = torch.cat(kl[variant]).numpy()
+            rows.append(
+                {
+                    "variant": variant,
+                    "ppl": float(torch.cat(nll[variant]).mean().exp()),
+                    "kl_mean": float(token_kl.mean()),
+                    "kl_p99": float(np.percentile(token_kl, 99)),
+                    "top1": float(torch.cat(agree[variant]).double().mean()),
+                }
+            )
+        else:
+            cosine = 1 - torch.cat(one_minus_cos[variant])
+            rows.append(
+                {"variant": variant, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
+            )
+    return pd.DataFrame(rows)
+
+
+def _noise_direction(name: str, shape, seed: int) -> torch.Tensor:
+    # Seeded per layer name, so a layer's noise does not depend on which other layers are measured.
+    # One 32-bit hash of both: the CPU generator keeps only the low 32 bits of its seed.
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    return torch.randn(shape, generator=generator)
+
+
+@torch.no_grad()
+def measure_layer_importance(
+    model: nn.Module,
+    kind: str,
+    layers: dict[str, nn.Module],
+    sequences: torch.Tensor,
+    grams: dict[str, torch.Tensor],
+    rel_error: float,
+    seed: int,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, float]:
+    """alpha_l = D_l / rel_error: model-output damage per unit of relative output error E_out in layer l.
+
+    Gaussian noise dW, scaled so that tr(dW H dW^T) / tr(W H W^T) = rel_error exactly, is added to one
+    layer at a time. D is the mean KL(ref || noisy) per next token (causal_lm) or the mean 1 - cosine
+    of pooled embeddings (encoder). HIGGS' linearity says D is close to alpha_l * E_out at small errors.
+    `grams` maps each layer name to its Gram matrix (any object indexable by layer name).
+    """
+    _check_kind(kind)
+    if not rel_error > 0:
+        raise ValueError(f"rel_error must be positive, got {rel_error}")
+    noise_scale: dict[str, float] = {}
+    for name, module in layers.items():
+        try:
+            H = grams[name].double()
+        except KeyError:
+            raise ValueError(f"no Gram matrix for layer {name}: pass one per layer") from None
+        W = get_weight(module).double()
+        Z = _noise_direction(name, W.shape, seed).double()
+        signal = ((W @ H) * W).sum()
+        noise = ((Z @ H) * Z).sum()
+        if not (signal > 0 and noise > 0):
+            raise ValueError(f"layer {name}: tr(W H W^T) or tr(Z H Z^T) is not positive (degenerate Gram matrix)")
+        noise_scale[name] = float((rel_error * signal / noise).sqrt())
+
+    damage = dict.fromkeys(layers, 0.0)
+    count = 0
+    batches = sequences.split(batch_size)
+    with tqdm(total=len(batches) * len(layers), desc="layer importance", disable=not progress) as bar:
+        for batch in batches:
+            ref = _model_output(model, kind, batch)
+            for name, module in layers.items():
+                W = get_weight(module).clone()
+                try:
+                    set_weight(module, W + noise_scale[name] * _noise_direction(name, W.shape, seed))
+                    out = _model_output(model, kind, batch)
+                finally:
+                    set_weight(module, W)
+                if kind == "causal_lm":
+                    damage[name] += float(_next_token_metrics(ref, out, batch)[1].sum())
+                else:
+                    damage[name] += float(_one_minus_cosine(ref, out).sum())
+                bar.update()
+            count += batch.shape[0] * (batch.shape[1] - 1) if kind == "causal_lm" else batch.shape[0]
+    return {name: damage[name] / count / rel_error for name in layers}

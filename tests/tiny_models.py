@@ -1,0 +1,116 @@
+"""Tiny random transformers saved to a directory, for tests and the workflow test.
+
+    python tests/tiny_models.py {llama,bert} DIR    # writes a model directory
+    python tests/tiny_models.py text FILE [WORDS]   # writes sample text
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+_WORDS = (
+    "the a of and to in is was he she it that his her with as for on be at by this had not are but "
+    "from or have an they which one you were all we there when their what so if out up into about "
+    "king queen lord lady sword crown night day love death blood heart honour grace speak hear come "
+    "go make know think give take tell good great true noble gentle sweet fair foul dark bright old "
+    "young father mother son daughter brother friend enemy castle field battle peace war letter time"
+).split()
+
+
+def sample_text(n_words: int = 2000, seed: int = 0) -> str:
+    """Deterministic pseudo-English: sentences of random words, punctuation and line breaks."""
+    rng = random.Random(seed)
+    sentences, count = [], 0
+    while count < n_words:
+        length = rng.randint(4, 14)
+        words = [rng.choice(_WORDS) for _ in range(length)]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ";"]))
+        count += length
+    lines = [" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)]
+    return "\n".join(lines) + "\n"
+
+
+def _save_tokenizer(out_dir: Path) -> int:
+    """Train a byte-level BPE (vocab 300) on sample text; save it for AutoTokenizer; return its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sample_text(1500, seed=1).splitlines(), trainer)
+    special = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special,
+                                   unk_token=special, pad_token=special)
+    fast.save_pretrained(out_dir)
+    return tokenizer.get_vocab_size()
+
+
+def make_tiny_llama(out_dir) -> Path:
+    """Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    vocab_size = _save_tokenizer(out_dir)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        # At the default std 0.02 the next-token distribution is near uniform whatever the weights;
+        # a larger std makes the output depend visibly on every layer, as a trained model's does.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_bert(out_dir) -> Path:
+    """BERT encoder (with pooler) using the same tiny tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    out_dir = Path(out_dir)
+    vocab_size = _save_tokenizer(out_dir)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        initializer_range=0.2,  # see make_tiny_llama
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    what, path = sys.argv[1], sys.argv[2]
+    if what == "llama":
+        make_tiny_llama(path)
+    elif what == "bert":
+        make_tiny_bert(path)
+    elif what == "text":
+        n_words = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+        Path(path).write_text(sample_text(n_words))
+    else:
+        sys.exit(f"unknown target {what!r}: use llama, bert or text")
