@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 
 
 @contextlib.contextmanager
-def rule_log(path: str):
+def rule_log(path: str, threads: int | None = None):
     """Send the script's output (progress bars included) to the rule's log file. A ValueError
     is a problem with the user's input: its message goes to the log and to the terminal as one
-    line, and the job fails without a traceback."""
+    line, and the job fails without a traceback.
+
+    threads: the job's Snakemake threads; torch uses at most the CPUs this process may run on,
+    since more OpenMP threads than cores slows every job down."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
     terminal = sys.stderr
     with open(path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         logging.basicConfig(stream=log, level=logging.INFO, format="%(asctime)s %(message)s", force=True)

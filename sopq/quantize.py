@@ -21,8 +21,9 @@ from sopq.packing import dequantize
 MIN_HISTOGRAM_BINS = 256
 MAX_HISTOGRAM_BINS = 512
 BINS_PER_CODE = 4
-# Candidate multipliers of the current scale tried per group in the clipping search.
-SCALE_SEARCH = torch.linspace(0.8, 1.2, 11)
+# Candidate multipliers of the current scale tried per group in the clipping search. On
+# all-MiniLM-L6-v2, 11 candidates and 2 alternations changed E_out by under 2% against this.
+SCALE_SEARCH = torch.linspace(0.8, 1.2, 5)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _group_error(w_g, h_g, s, codebook):
     return (h_g * err * err).sum(-1)
 
 
-def fit_scales_and_codebook(W, h, bits, group, scale_format, iterations=2):
+def fit_scales_and_codebook(W, h, bits, group, scale_format, iterations=1):
     """Alternate (a) the weighted codebook given scales and (b) a per-group clipping search of the
     scales given the codebook. Returns (codebook float64 sorted, stored scales)."""
     # float32 is ample for choosing scales and codes; the codebook DP accumulates in float64.
@@ -182,7 +183,7 @@ def error_feedback_codes(W, H, codebook, scales, group, damp=0.01, block=128):
     return codes
 
 
-def quantize_layer(W, H, bits, group, scale_format, error_feedback=True, iterations=2) -> QuantizedLayer:
+def quantize_layer(W, H, bits, group, scale_format, error_feedback=True, iterations=1) -> QuantizedLayer:
     """Fit one layer. W: (N, K) weight; H: (K, K) Gram matrix of its inputs."""
     if not torch.isfinite(W).all():
         raise ValueError("weight has NaN or Inf entries; fix or exclude this layer before quantizing")

@@ -1,0 +1,24 @@
+rule calibrate:
+    input:
+        model="resources/models/{family}",
+        text="resources/text/calib.txt",
+    output:
+        stats="results/{family}/calib/stats.parquet",
+        grams="results/{family}/calib/grams.safetensors",
+    params:
+        **MODEL_PARAMS,
+        n_seq=config["calibration"]["n_seq"],
+        seq_len=config["calibration"]["seq_len"],
+        batch_size=config["calibration"]["batch_size"],
+        seed=config["seed"],
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/{family}/calibrate.log",
+    benchmark:
+        "benchmarks/{family}/calibrate.tsv"
+    script:
+        "../workflow/scripts/calibrate.py"

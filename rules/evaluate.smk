@@ -1,0 +1,26 @@
+rule evaluate:
+    input:
+        model="resources/models/{family}",
+        text="resources/text/eval.txt",
+        packed="results/{family}/packed",
+        stats="results/{family}/calib/stats.parquet",
+        grams="results/{family}/calib/grams.safetensors",
+    output:
+        summary="results/{family}/eval.parquet",
+        layers="results/{family}/eval_layers.parquet",
+    params:
+        **MODEL_PARAMS,
+        quantization=config["quantization"],
+        evaluation=config["evaluation"],
+        seed=config["seed"],
+    threads: workflow.cores
+    resources:
+        mem_mb=12000,
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/{family}/evaluate.log",
+    benchmark:
+        "benchmarks/{family}/evaluate.tsv"
+    script:
+        "../workflow/scripts/evaluate.py"

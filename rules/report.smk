@@ -1,0 +1,30 @@
+def per_family(pattern):
+    return expand(pattern, family=FAMILIES)
+
+
+# Every per-stage benchmark file, so the report's provenance shows the run times.
+FAMILY_STAGES = ["fetch_model", "calibrate", "importance", "sensitivity", "promote", "fit", "pack", "kernel", "evaluate"]
+
+
+rule report:
+    input:
+        eval=per_family("results/{family}/eval.parquet"),
+        eval_layers=per_family("results/{family}/eval_layers.parquet"),
+        plan=per_family("results/{family}/plan.parquet"),
+        sensitivity=per_family("results/{family}/sensitivity.parquet"),
+        kernel=per_family("results/{family}/kernel.parquet"),
+        benchmarks=expand("benchmarks/{family}/{stage}.tsv", family=FAMILIES, stage=FAMILY_STAGES)
+        + ["benchmarks/fetch_text.tsv"],
+    output:
+        "results/report.html",
+    params:
+        families=FAMILIES,
+        config=config,
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    script:
+        "../workflow/scripts/report.py"

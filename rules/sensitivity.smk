@@ -1,0 +1,53 @@
+# Layer importance (forward passes: all cores) and per-layer scoring (many small fits: one
+# thread each, since fork-join threading of small ops collapses when cores are shared).
+rule importance:
+    input:
+        model="resources/models/{family}",
+        text="resources/text/calib.txt",
+        stats="results/{family}/calib/stats.parquet",
+        grams="results/{family}/calib/grams.safetensors",
+    output:
+        "results/{family}/importance.parquet",
+    params:
+        **MODEL_PARAMS,
+        importance=config["importance"],
+        seq_len=config["calibration"]["seq_len"],
+        seed=config["seed"],
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/{family}/importance.log",
+    benchmark:
+        "benchmarks/{family}/importance.tsv"
+    script:
+        "../workflow/scripts/importance.py"
+
+
+rule sensitivity:
+    input:
+        model="resources/models/{family}",
+        stats="results/{family}/calib/stats.parquet",
+        grams="results/{family}/calib/grams.safetensors",
+        importance="results/{family}/importance.parquet",
+    output:
+        "results/{family}/sensitivity.parquet",
+    params:
+        **MODEL_PARAMS,
+        allowed_bits=config["quantization"]["allowed_bits"],
+        group=config["quantization"]["group"],
+        scale_format=config["quantization"]["scale_format"],
+        error_feedback=config["quantization"]["error_feedback"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/{family}/sensitivity.log",
+    benchmark:
+        "benchmarks/{family}/sensitivity.tsv"
+    script:
+        "../workflow/scripts/sensitivity.py"

