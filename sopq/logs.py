@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 
 
 @contextlib.contextmanager
@@ -29,3 +30,6 @@ def rule_log(path: str, threads: int | None = None):
             print(message, file=log)
             print(message, file=terminal)
             raise SystemExit(1) from None
+        except Exception:
+            traceback.print_exc(file=log)  # an unexpected failure: keep the whole story in the log
+            raise
