@@ -9,7 +9,7 @@ rule fit:
     params:
         **MODEL_PARAMS,
         error_feedback=config["quantization"]["error_feedback"],
-    threads: 1
+    threads: workflow.cores
     resources:
         mem_mb=8000,
     conda:

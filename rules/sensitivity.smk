@@ -1,5 +1,6 @@
-# Layer importance (forward passes: all cores) and per-layer scoring (many small fits: one
-# thread each, since fork-join threading of small ops collapses when cores are shared).
+# Layer importance (forward passes) and per-layer scoring (many small fits, spread over
+# single-threaded worker processes: fork-join threading of small ops collapses when cores are
+# shared). Both take every core they are given.
 rule importance:
     input:
         model="resources/models/{family}",
@@ -40,7 +41,7 @@ rule sensitivity:
         group=config["quantization"]["group"],
         scale_format=config["quantization"]["scale_format"],
         error_feedback=config["quantization"]["error_feedback"],
-    threads: 1
+    threads: workflow.cores
     resources:
         mem_mb=8000,
     conda:

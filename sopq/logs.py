@@ -8,6 +8,11 @@ import sys
 import traceback
 
 
+def usable_cpus(threads: int) -> int:
+    """The job's threads, but no more than the CPUs this process may run on."""
+    return max(1, min(threads, len(os.sched_getaffinity(0))))
+
+
 @contextlib.contextmanager
 def rule_log(path: str, threads: int | None = None):
     """Send the script's output (progress bars included) to the rule's log file. A ValueError
@@ -19,7 +24,7 @@ def rule_log(path: str, threads: int | None = None):
     if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
+        torch.set_num_threads(usable_cpus(threads))
     terminal = sys.stderr
     with open(path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         logging.basicConfig(stream=log, level=logging.INFO, format="%(asctime)s %(message)s", force=True)

@@ -1,7 +1,11 @@
 """Per-layer scoring: fit every layer at every allowed width and measure its errors."""
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 import pandas as pd
 import torch
@@ -34,18 +38,53 @@ class GramLookup:
         return self._cache[key]
 
 
+def _map_layers(fn, tasks, workers: int, desc: str):
+    """Yield fn(*task) for each task in order. With workers > 1, single-threaded worker
+    processes share the layers: per-layer fitting is many small ops, which threads within one
+    process do not speed up. A bounded window of tasks is in flight, so only a few Gram
+    matrices are held at a time."""
+    tasks = iter(tasks)
+    with tqdm(desc=desc, unit="layer") as bar:
+        if workers <= 1:
+            for task in tasks:
+                yield fn(*task)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has run threads
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            window = deque(pool.submit(fn, *task) for task in itertools.islice(tasks, 2 * workers))
+            while window:
+                result = window.popleft().result()
+                for task in itertools.islice(tasks, 1):
+                    window.append(pool.submit(fn, *task))
+                yield result
+                bar.update()
+
+
 def fit_layers(
     weights: dict[str, torch.Tensor],
     gram: GramLookup,
     formats: dict[str, tuple[int, int, str]],
     error_feedback: bool,
     desc: str = "fit",
+    workers: int = 1,
 ) -> dict[str, QuantizedLayer]:
     """Quantize each layer named in `formats` (layer -> (bits, group, scale_format))."""
-    return {
-        name: quantize_layer(weights[name], gram[name], bits, group, scale_format, error_feedback)
-        for name, (bits, group, scale_format) in tqdm(formats.items(), desc=desc, unit="layer")
-    }
+    tasks = ((weights[name], gram[name], bits, group, fmt, error_feedback) for name, (bits, group, fmt) in formats.items())
+    return dict(zip(formats, _map_layers(quantize_layer, tasks, workers, desc)))
+
+
+def _score_layer(name, W, H, allowed_bits, group, scale_format, error_feedback) -> list[dict]:
+    n, k = W.shape
+    g = resolve_group(group, k)
+    rows = []
+    for bits in sorted(allowed_bits):
+        q = quantize_layer(W, H, bits, g, scale_format, error_feedback)
+        rows.append(
+            {"layer": name, "bits": bits, "group": g, "scale_format": scale_format, "n": n, "k": k,
+             "bpw": sop_bpw(bits, g, scale_format, n, k), **layer_errors(W, q.dequantize(), H)}
+        )
+    return rows
 
 
 def score_layers(
@@ -55,18 +94,8 @@ def score_layers(
     group,
     scale_format: str,
     error_feedback: bool,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """One row per (layer, bits): layer, bits, group, scale_format, n, k, bpw, e_out, mse, acos."""
-    rows = []
-    for name in tqdm(weights, desc="sensitivity", unit="layer"):
-        W = weights[name]
-        H = gram[name]
-        n, k = W.shape
-        g = resolve_group(group, k)
-        for bits in sorted(allowed_bits):
-            q = quantize_layer(W, H, bits, g, scale_format, error_feedback)
-            rows.append(
-                {"layer": name, "bits": bits, "group": g, "scale_format": scale_format, "n": n, "k": k,
-                 "bpw": sop_bpw(bits, g, scale_format, n, k), **layer_errors(W, q.dequantize(), H)}
-            )
-    return pd.DataFrame(rows)
+    tasks = ((name, W, gram[name], allowed_bits, group, scale_format, error_feedback) for name, W in weights.items())
+    return pd.DataFrame([row for rows in _map_layers(_score_layer, tasks, workers, "sensitivity") for row in rows])

@@ -18,7 +18,7 @@ def _sop_variant(fitted) -> tuple[dict, dict]:
     return weights, bpw
 
 
-def build_variants(weights: dict[str, torch.Tensor], gram: GramLookup, packed_dir, quantization: dict):
+def build_variants(weights: dict[str, torch.Tensor], gram: GramLookup, packed_dir, quantization: dict, workers: int = 1):
     """{variant: {layer: W_hat}} and {variant: {layer: all-in bpw}} for sop_promoted (read back
     from the packed files, so the evaluation checks what was shipped), sop6 (every layer at
     quantization.bits) and every fixed-format baseline."""
@@ -28,7 +28,7 @@ def build_variants(weights: dict[str, torch.Tensor], gram: GramLookup, packed_di
         name: (quantization["bits"], resolve_group(quantization["group"], W.shape[1]), quantization["scale_format"])
         for name, W in weights.items()
     }
-    sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], desc=f"sop{quantization['bits']}")
+    sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], f"sop{quantization['bits']}", workers)
     variants["sop6"], bpw["sop6"] = _sop_variant(sop6)
     for name, baseline in BASELINES.items():
         results = {layer: baseline(W) for layer, W in weights.items()}

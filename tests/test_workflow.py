@@ -17,12 +17,13 @@ FAMILY_RULES = ["calibrate", "sensitivity", "promote", "fit", "pack", "kernel", 
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str) -> str:
+def snakemake(workdir: Path, configfile: Path, *args: str, expect_success: bool = True) -> str:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(configfile), "--cores", "2", *args]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == expect_success, output[-10000:]
+    return output
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -123,3 +124,21 @@ def test_single_stage_rerun(run):
     output = snakemake(work, configfile, "--forcerun", "promote", "--until", "promote")
     assert planned_jobs(output) == {"promote": len(config["families"])}
     assert plan.stat().st_mtime_ns > before
+
+
+def test_bad_config_fails_before_any_job_in_one_line(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["quantization"]["scale_format"] = "fp32"
+    output = snakemake(tmp_path, write_config(tmp_path / "bad.yaml", config), "-n", expect_success=False)
+    assert "config error: quantization.scale_format: 'fp32' is not one of ['fp16', 'bf16', 'e8m0']" in output
+    assert "Traceback" not in output
+
+
+def test_infeasible_budget_names_the_smallest_feasible(run):
+    """Runs last: the failed promote job leaves no plan behind, as a failed job must."""
+    work, config, _ = run
+    infeasible = write_config(work / "infeasible.yaml", {**config, "budget_bpw": 3.0})
+    output = snakemake(work, infeasible, "--until", "promote", expect_success=False)
+    assert re.search(r"error: budget_bpw=3\.0 is infeasible: the smallest achievable average is 4\.5\d* bits", output)
+    assert "Traceback" not in output
+    assert not (work / "results" / "tinyllama" / "plan.parquet").exists()

@@ -7,7 +7,7 @@ import torch
 from sopq.calibrate import load_gram
 from sopq.evaluate import evaluate_variants
 from sopq.io import write_parquet
-from sopq.logs import rule_log
+from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers, token_sequences
 from sopq.sensitivity import GramLookup
 from sopq.variants import build_variants, layer_table, summarize
@@ -20,7 +20,7 @@ with rule_log(snakemake.log[0], snakemake.threads):
     weights = {name: get_weight(module).clone() for name, module in layers.items()}
     gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
 
-    variants, bpw = build_variants(weights, gram, snakemake.input.packed, p.quantization)
+    variants, bpw = build_variants(weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads))
     per_layer = layer_table(weights, gram, variants, bpw)
 
     e = p.evaluation

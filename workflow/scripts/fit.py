@@ -2,7 +2,7 @@
 import pandas as pd
 
 from sopq.calibrate import load_gram
-from sopq.logs import rule_log
+from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers
 from sopq.sensitivity import GramLookup, fit_layers
 from sopq.store import save_quantized
@@ -15,5 +15,5 @@ with rule_log(snakemake.log[0], snakemake.threads):
     weights = {name: get_weight(layers[name]) for name in plan["layer"]}
     gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
     formats = {row.layer: (row.bits, row.group, row.scale_format) for row in plan.itertuples()}
-    fitted = fit_layers(weights, gram, formats, p.error_feedback)
+    fitted = fit_layers(weights, gram, formats, p.error_feedback, workers=usable_cpus(snakemake.threads))
     save_quantized(fitted, snakemake.output[0])

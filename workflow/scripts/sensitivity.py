@@ -3,7 +3,7 @@ import pandas as pd
 
 from sopq.calibrate import load_gram
 from sopq.io import write_parquet
-from sopq.logs import rule_log
+from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers
 from sopq.sensitivity import GramLookup, score_layers
 
@@ -12,7 +12,9 @@ with rule_log(snakemake.log[0], snakemake.threads):
     model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     weights = {name: get_weight(module) for name, module in quantizable_layers(model, p.include, p.exclude).items()}
     gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
-    table = score_layers(weights, gram, p.allowed_bits, p.group, p.scale_format, p.error_feedback)
+    table = score_layers(
+        weights, gram, p.allowed_bits, p.group, p.scale_format, p.error_feedback, workers=usable_cpus(snakemake.threads)
+    )
     alpha = pd.read_parquet(snakemake.input.importance).set_index("layer")["alpha"]
     table["alpha"] = table["layer"].map(alpha)
     if table["alpha"].isna().any():
