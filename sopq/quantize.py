@@ -125,29 +125,29 @@ def _group_error(w_g, h_g, s, codebook):
 
 def fit_scales_and_codebook(W, h, bits, group, scale_format, iterations=1):
     """Alternate (a) the weighted codebook given scales and (b) a per-group clipping search of the
-    scales given the codebook. Returns (codebook float64 sorted, stored scales)."""
+    scales given the codebook, then refit the codebook to the final scales. Returns (codebook as
+    sorted float32 values of its fp16 entries, stored scales)."""
     # float32 is ample for choosing scales and codes; the codebook DP accumulates in float64.
     W = W.float()
     h = h.float().clamp(min=0)
     w_g = _grouped(W, group)
     h_g = _grouped(h.unsqueeze(0), group).expand_as(w_g)
-    absmax = w_g.abs().amax(-1)
+
+    def codebook_for(scales):
+        # The objective in u = W / s is sum h_k s^2 (u - C[q])^2; entries are stored as fp16.
+        s = scales.unsqueeze(-1)
+        return weighted_codebook(w_g / s, h_g * s**2, 2**bits).half().float()
+
     # A row group of zeros gets the smallest positive scale: its codes decode to ~0 anyway.
-    scales = decode_scales(encode_scales(absmax.clamp(min=1e-8), scale_format), scale_format)
-    codebook = None
+    scales = decode_scales(encode_scales(w_g.abs().amax(-1).clamp(min=1e-8), scale_format), scale_format)
     for _ in range(iterations):
-        u = w_g / scales.unsqueeze(-1)
-        codebook = weighted_codebook(u, h_g * scales.unsqueeze(-1) ** 2, 2**bits)
-        codebook = codebook.half().float()  # codebook entries are stored as fp16
-        errors, candidates = [], []
-        for c in SCALE_SEARCH.tolist():
-            cand = decode_scales(encode_scales(scales * c, scale_format), scale_format)
-            candidates.append(cand)
-            errors.append(_group_error(w_g, h_g, cand, codebook))
-        pick = torch.stack(errors).argmin(0)
-        scales = torch.stack(candidates).gather(0, pick.unsqueeze(0)).squeeze(0)
-    codebook = weighted_codebook(w_g / scales.unsqueeze(-1), h_g * scales.unsqueeze(-1) ** 2, 2**bits).half().float()
-    return codebook, encode_scales(scales, scale_format)
+        codebook = codebook_for(scales)
+        candidates = torch.stack(
+            [decode_scales(encode_scales(scales * c, scale_format), scale_format) for c in SCALE_SEARCH.tolist()]
+        )
+        errors = torch.stack([_group_error(w_g, h_g, cand, codebook) for cand in candidates])
+        scales = candidates.gather(0, errors.argmin(0).unsqueeze(0)).squeeze(0)
+    return codebook_for(scales), encode_scales(scales, scale_format)
 
 
 def error_feedback_codes(W, H, codebook, scales, group, damp=0.01, block=128):
