@@ -2,11 +2,12 @@
 import os
 import sys
 
-from sopq.config import ConfigError, validate_config
-
-# Jobs import the sopq and kernels packages from this checkout, in whatever environment they
-# run (a venv, a rule's conda env, a SLURM node): sbatch and script jobs inherit this.
+# The sopq and kernels packages come from this checkout, for Snakemake itself and for every job
+# in whatever environment it runs (a venv, a rule's conda env, a SLURM node: jobs inherit this).
+sys.path.insert(0, workflow.basedir)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+
+from sopq.config import ConfigError, validate_config
 
 try:
     validate_config(config)

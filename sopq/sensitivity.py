@@ -50,7 +50,9 @@ def _map_layers(fn, tasks, workers: int, desc: str):
                 yield fn(*task)
                 bar.update()
             return
-        context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has run threads
+        # fork, as torch's DataLoader does: children inherit the layers without pickling and set
+        # one thread before any torch work. (spawn would rerun a Snakemake script's top level.)
+        context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             window = deque(pool.submit(fn, *task) for task in itertools.islice(tasks, 2 * workers))
             while window:
