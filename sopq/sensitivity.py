@@ -38,13 +38,13 @@ class GramLookup:
         return self._cache[key]
 
 
-def _map_layers(fn, tasks, workers: int, desc: str):
+def _map_layers(fn, tasks, workers: int, desc: str, total: int):
     """Yield fn(*task) for each task in order. With workers > 1, single-threaded worker
     processes share the layers: per-layer fitting is many small ops, which threads within one
     process do not speed up. A bounded window of tasks is in flight, so only a few Gram
     matrices are held at a time."""
     tasks = iter(tasks)
-    with tqdm(desc=desc, unit="layer") as bar:
+    with tqdm(desc=desc, unit="layer", total=total) as bar:
         if workers <= 1:
             for task in tasks:
                 yield fn(*task)
@@ -73,7 +73,7 @@ def fit_layers(
 ) -> dict[str, QuantizedLayer]:
     """Quantize each layer named in `formats` (layer -> (bits, group, scale_format))."""
     tasks = ((weights[name], gram[name], bits, group, fmt, error_feedback) for name, (bits, group, fmt) in formats.items())
-    return dict(zip(formats, _map_layers(quantize_layer, tasks, workers, desc)))
+    return dict(zip(formats, _map_layers(quantize_layer, tasks, workers, desc, len(formats))))
 
 
 def _score_layer(name, W, H, allowed_bits, group, scale_format, error_feedback) -> list[dict]:
@@ -100,4 +100,4 @@ def score_layers(
 ) -> pd.DataFrame:
     """One row per (layer, bits): layer, bits, group, scale_format, n, k, bpw, e_out, mse, acos."""
     tasks = ((name, W, gram[name], allowed_bits, group, scale_format, error_feedback) for name, W in weights.items())
-    return pd.DataFrame([row for rows in _map_layers(_score_layer, tasks, workers, "sensitivity") for row in rows])
+    return pd.DataFrame([row for rows in _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights)) for row in rows])
