@@ -28,12 +28,13 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> None:
     if errors:
         error = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"{_location(error)}: {error.message}")
-    for key in ("include", "exclude"):
-        for pattern in config["layers"][key]:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"layers.{key}: bad regular expression {pattern!r}: {exc}") from None
+    patterns = [(f"layers.{key}", p) for key in ("include", "exclude") for p in config["layers"][key]]
+    patterns += [(f"tie_groups.{i}", p) for i, group in enumerate(config["tie_groups"]) for p in group]
+    for where, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: bad regular expression {pattern!r}: {exc}") from None
     bits = config["quantization"]["allowed_bits"]
     if config["quantization"]["bits"] not in bits:
         raise ConfigError(

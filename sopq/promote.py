@@ -80,11 +80,13 @@ def promote(sensitivity: pd.DataFrame, budget_bpw: float, tie_groups: list[list[
         integrality=np.ones(n_var),
         bounds=Bounds(0, 1),
     )
-    if result.status != 0 or result.x is None:
+    if result.status == 2:  # the budget alone is feasible (checked above), so the ties make it infeasible
         raise InfeasibleBudget(
-            f"no bit allocation meets budget_bpw={budget_bpw} with the tie groups {list(tie_groups)}: "
-            f"{result.message}; raise budget_bpw or remove tie groups"
+            f"no bit allocation meets budget_bpw={budget_bpw} with the tie groups {list(tie_groups)}; "
+            f"raise budget_bpw or remove tie groups"
         )
+    if result.status != 0:
+        raise RuntimeError(f"the MILP solver stopped without an optimal plan: {result.message}")
     chosen = table.loc[result.x > 0.5].set_index("layer").loc[layers].reset_index()
     chosen["e_out_pred"] = chosen["e_out"]
     chosen["budget_bpw"] = budget_bpw

@@ -27,6 +27,8 @@ def test_default_config_is_valid(config):
         (lambda c: c["families"]["bert"].update(kind="decoder"), r"families.bert.kind: 'decoder' is not one of"),
         (lambda c: c["families"]["bert"].pop("source"), r"families.bert: 'source' is a required property"),
         (lambda c: c["layers"].update(exclude=["(unclosed"]), r"layers.exclude: bad regular expression"),
+        (lambda c: c.update(tie_groups=[["q_proj", "[k"]]), r"tie_groups.0: bad regular expression '\[k'"),
+        (lambda c: c["families"]["llama"].pop("source_precision"), r"'source_precision' is a required property"),
         (lambda c: c.pop("calibration"), r"'calibration' is a required property"),
     ],
 )

@@ -12,7 +12,6 @@ import yaml
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILY_RULES = ["calibrate", "sensitivity", "promote", "fit", "pack", "kernel", "evaluate"]
 
 pytestmark = pytest.mark.workflow
 
