@@ -10,7 +10,6 @@ rule calibrate:
         n_seq=config["calibration"]["n_seq"],
         seq_len=config["calibration"]["seq_len"],
         batch_size=config["calibration"]["batch_size"],
-        seed=config["seed"],
     threads: workflow.cores
     resources:
         mem_mb=8000,

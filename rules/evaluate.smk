@@ -10,9 +10,8 @@ rule evaluate:
         layers="results/{family}/eval_layers.parquet",
     params:
         **MODEL_PARAMS,
-        quantization=config["quantization"],
+        quantization={key: config["quantization"][key] for key in ("group", "scale_format", "error_feedback")},
         evaluation=config["evaluation"],
-        seed=config["seed"],
     threads: workflow.cores
     resources:
         mem_mb=12000,

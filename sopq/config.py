@@ -35,11 +35,6 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> None:
             re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"{where}: bad regular expression {pattern!r}: {exc}") from None
-    bits = config["quantization"]["allowed_bits"]
-    if config["quantization"]["bits"] not in bits:
-        raise ConfigError(
-            f"quantization.bits: {config['quantization']['bits']} must be one of quantization.allowed_bits {bits}"
-        )
 
 
 def config_hash(config: dict) -> str:

@@ -31,6 +31,11 @@ def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Ten
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def _kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || variant) per row, from log-probabilities."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+
+
 def _next_token_metrics(ref_logits, logits, input_ids, rows: int = 256):
     """Per predicted token: NLL of the true next token, KL(ref || variant), and argmax agreement.
 
@@ -46,7 +51,7 @@ def _next_token_metrics(ref_logits, logits, input_ids, rows: int = 256):
         logp_ref = ref[start : start + rows].double().log_softmax(-1)
         logp = cur[start : start + rows].double().log_softmax(-1)
         nll.append(-logp.gather(1, targets[start : start + rows]).squeeze(1))
-        kl.append((logp_ref.exp() * (logp_ref - logp)).sum(-1))
+        kl.append(_kl(logp_ref, logp))
         agree.append(logp_ref.argmax(-1) == logp.argmax(-1))
     return torch.cat(nll), torch.cat(kl), torch.cat(agree)
 
@@ -173,10 +178,9 @@ def measure_layer_importance(
         for batch in batches:
             ref = _model_output(model, kind, batch)
             if kind == "causal_lm":
-                # Reference log-probs once per batch, not once per layer: the KL is most of the
-                # cost besides the forward pass. float32 is ample at the KL sizes measured here.
+                # Reference log-probs once per batch, not once per layer: the softmax is most of
+                # the cost besides the forward pass. float32 is ample at the KL sizes measured here.
                 logp_ref = ref[:, :-1].float().log_softmax(-1)
-                p_ref = logp_ref.exp()
             for name, module in layers.items():
                 W = get_weight(module).clone()
                 try:
@@ -185,7 +189,7 @@ def measure_layer_importance(
                 finally:
                     set_weight(module, W)
                 if kind == "causal_lm":
-                    damage[name] += float((p_ref * (logp_ref - out[:, :-1].float().log_softmax(-1))).sum())
+                    damage[name] += float(_kl(logp_ref, out[:, :-1].float().log_softmax(-1)).sum())
                 else:
                     damage[name] += float(_one_minus_cosine(ref, out).sum())
                 bar.update()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 import os
 import re
@@ -58,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Sequence
 
-from sopq.io import atomic_path
+from sopq.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -373,11 +372,6 @@ def _write_entry(entry: _Entry, dest: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # checksums
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(path: Path, expected: str) -> None:

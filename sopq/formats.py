@@ -54,3 +54,10 @@ def sop_bpw(bits: int, group: int, scale_format: str, n: int, k: int) -> float:
     """All-in bits per weight of an SOP layer: codes + scales + the fp16 codebook."""
     scale_bits = SCALE_BITS[scale_format] * n * num_groups(k, group)
     return bits + scale_bits / (n * k) + 16 * 2**bits / (n * k)
+
+
+def average_bpw(table) -> float:
+    """All-in bits per weight of several layers: each layer's bpw weighted by its n * k weights.
+    `table` has columns (or keys) bpw, n and k."""
+    weights = table["n"] * table["k"]
+    return float((weights * table["bpw"]).sum() / weights.sum())

@@ -8,6 +8,10 @@ from tqdm import tqdm
 from kernels import lut_matmul, reference_lut_matmul
 from sopq.store import read_packed_tensors
 
+# Relative error allowed against the float64 reference with fp16 activations: fp16 rounding of
+# the output and of the dot's operands, accumulated in fp32.
+MAX_REL_ERR = 1e-2
+
 
 def _time_us(fn) -> float:
     import triton.testing
@@ -15,9 +19,17 @@ def _time_us(fn) -> float:
     return triton.testing.do_bench(fn) * 1e3
 
 
+def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    """||y - y_ref|| / ||y_ref||; for an all-zero reference (a zero layer), 0 if y is zero too."""
+    diff = (y - y_ref).norm().item()
+    ref = y_ref.norm().item()
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+
+
 def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
     """Per layer: max abs and relative error of the kernel against the float64 reference on a
-    random fp16 activation of m rows; on GPU, kernel and fp16 torch.matmul times in us."""
+    random fp16 activation of m rows; on GPU, kernel and fp16 torch.matmul times in us.
+    Raises ValueError naming the layers whose error is not finite or above MAX_REL_ERR."""
     manifest, tensors = read_packed_tensors(packed_dir)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -26,16 +38,17 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
     rows = []
     for name, meta in tqdm(manifest["layers"].items(), desc="kernel", unit="layer"):
         n, k = meta["shape"]
-        args = {part: t.to(device) for part, t in tensors[name].items()}
+        t = tensors[name]
+        words, scales = t["codes"].to(device), t["scales"].to(device)
+        codebook = t["codebook"].to(device, torch.float32)  # the kernel's lookup table, converted once
         shape = dict(bits=meta["bits"], group=meta["group"], n=n, k=k)
         x = torch.randn(m, k, generator=generator).to(device, torch.float16)
-        run = lambda: lut_matmul(x, args["codes"], args["codebook"], args["scales"], **shape)  # noqa: E731
+        run = lambda: lut_matmul(x, words, codebook, scales, **shape)  # noqa: E731
         y = run().double().cpu()
-        y_ref = reference_lut_matmul(x, args["codes"], args["codebook"], args["scales"], **shape)
+        y_ref = reference_lut_matmul(x, words, codebook, scales, **shape)
         row = {
             "layer": name, "bits": meta["bits"], "n": n, "k": k, "m": m,
-            "max_abs_err": (y - y_ref).abs().max().item(),
-            "rel_err": ((y - y_ref).norm() / y_ref.norm()).item(),
+            "max_abs_err": (y - y_ref).abs().max().item(), "rel_err": relative_error(y, y_ref),
             "device": device_name, "kernel_us": float("nan"), "torch_us": float("nan"),
         }
         if cuda:
@@ -44,6 +57,7 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
             row["torch_us"] = _time_us(lambda: x @ w_fp16.T)
         rows.append(row)
     table = pd.DataFrame(rows)
-    if not table["rel_err"].notna().all():
-        raise ValueError(f"{packed_dir}: the kernel produced NaN for layers {list(table.loc[table.rel_err.isna(), 'layer'])}")
+    bad = table.loc[~(table["rel_err"] <= MAX_REL_ERR), "layer"].tolist()  # NaN fails too
+    if bad:
+        raise ValueError(f"{packed_dir}: the kernel disagrees with the reference (rel_err > {MAX_REL_ERR} or NaN) on {bad}")
     return table

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from sopq.fetch import model_files
+
 KINDS = ("causal_lm", "encoder")
 
 
@@ -24,14 +26,8 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model directory {model_dir} does not exist: run the fetch stage or fix the path")
-    gguf_files = sorted(p.name for p in model_dir.glob("*.gguf"))
-    if len(gguf_files) > 1:
-        raise ValueError(
-            f"{model_dir} holds several GGUF files {gguf_files}: keep exactly one per model directory"
-        )
-    if not gguf_files and not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} holds neither config.json (HF directory) nor a *.gguf file")
-    extra = {"gguf_file": gguf_files[0]} if gguf_files else {}
+    _, gguf_file = model_files(model_dir)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
 
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
     model = auto.from_pretrained(

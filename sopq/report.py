@@ -31,6 +31,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from sopq.config import config_hash
+from sopq.formats import average_bpw
+from sopq.variants import UNIFORM_BITS
 from sopq.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,10 @@ KINDS = ("causal_lm", "encoder")
 SOP_VARIANTS = ("sop6", "sop_promoted")
 FP8_VARIANTS = ("fp8_channel", "fp8_tensor")
 REQUIRED_VARIANTS = ("reference", *SOP_VARIANTS, *FP8_VARIANTS)
-UNIFORM_BITS = 6  # bit width of the sop6 variant: plan layers above it were promoted, below demoted
 
 VARIANT_LABELS = {
     "reference": "unquantized",
-    "sop6": "SOP, uniform 6-bit",
+    "sop6": f"SOP, uniform {UNIFORM_BITS}-bit",
     "sop_promoted": "SOP, promoted under the budget",
     "fp8_channel": "FP8 E4M3, one scale per output channel",
     "fp8_tensor": "FP8 E4M3, one power-of-two scale per tensor",
@@ -282,11 +283,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _weighted_bpw(table: pd.DataFrame) -> float:
-    weights = table["n"] * table["k"]
-    return float((weights * table["bpw"]).sum() / weights.sum())
 
 
 # ----------------------------------------------------------------------------- HTML pieces
@@ -575,7 +571,7 @@ def _plan_part(family: Family) -> str:
     plan = family.plan
     promoted = plan[plan["bits"] > UNIFORM_BITS].sort_values("alpha", ascending=False)
     demoted = (plan["bits"] < UNIFORM_BITS).sum()
-    average = _weighted_bpw(plan)
+    average = average_bpw(plan)
     text = (
         f"<p>Budget {family.budget_bpw:g} bpw; the plan averages {_fmt(average, '{:.3f}')} bpw "
         f"(weighted by layer size). {len(promoted)} of {len(plan)} layers promoted above "

@@ -23,7 +23,7 @@ def resolve_group(group: int | str, k: int) -> int:
 
 class GramLookup:
     """layer name -> its Gram matrix (float64), loading each shared Gram once while consecutive
-    layers use it (q/k/v, gate/up), so only one Gram is held in memory at a time."""
+    layers use it (q/k/v, gate/up); the lookup itself keeps only the latest one in memory."""
 
     def __init__(self, stats: pd.DataFrame, load: Callable[[str], torch.Tensor]):
         self._key_of = stats.drop_duplicates("layer").set_index("layer")["gram_key"].to_dict()
@@ -50,8 +50,8 @@ def _map_layers(fn, tasks, workers: int, desc: str, total: int):
                 yield fn(*task)
                 bar.update()
             return
-        # fork, as torch's DataLoader does: children inherit the layers without pickling and set
-        # one thread before any torch work. (spawn would rerun a Snakemake script's top level.)
+        # fork, as torch's DataLoader does: each child sets one thread before any torch work.
+        # (spawn would rerun a Snakemake script's top level in every child.)
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             window = deque(pool.submit(fn, *task) for task in itertools.islice(tasks, 2 * workers))

@@ -8,7 +8,6 @@ Packed directory (format version sopq.packing.PACK_FORMAT_VERSION):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sopq.io import atomic_path, save_safetensors
+from sopq.io import atomic_path, save_safetensors, sha256_file
 from sopq.packing import PACK_FORMAT_VERSION, pack_codes, unpack_codes
 from sopq.quantize import QuantizedLayer
 
@@ -55,14 +54,6 @@ def load_quantized(path) -> dict[str, QuantizedLayer]:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str) -> None:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -76,7 +67,7 @@ def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str) -> Non
             "format": "sopq-packed",
             "format_version": PACK_FORMAT_VERSION,
             "family": family,
-            "sha256": {"model.safetensors": _sha256(tmp / "model.safetensors")},
+            "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")},
             "layers": {name: _layer_meta(q) for name, q in layers.items()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -100,7 +91,7 @@ def read_packed_tensors(packed_dir) -> tuple[dict, dict[str, dict[str, torch.Ten
     manifest = read_manifest(packed_dir)
     weights = Path(packed_dir) / "model.safetensors"
     expected = manifest["sha256"]["model.safetensors"]
-    if not weights.exists() or _sha256(weights) != expected:
+    if not weights.exists() or sha256_file(weights) != expected:
         raise PackedFormatError(f"{weights}: missing or sha256 mismatch with the manifest; rerun the pack stage")
     with safe_open(str(weights), framework="pt") as f:
         tensors = {

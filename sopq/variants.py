@@ -6,10 +6,13 @@ import pandas as pd
 import torch
 
 from sopq.baselines import BASELINES
-from sopq.formats import sop_bpw
+from sopq.formats import average_bpw, sop_bpw
 from sopq.metrics import layer_errors
 from sopq.sensitivity import GramLookup, fit_layers, resolve_group
 from sopq.store import read_packed
+
+# Width of the uniform SOP variant, "sop6": the report measures promotion against it.
+UNIFORM_BITS = 6
 
 
 def _sop_variant(fitted) -> tuple[dict, dict]:
@@ -21,14 +24,15 @@ def _sop_variant(fitted) -> tuple[dict, dict]:
 def build_variants(weights: dict[str, torch.Tensor], gram: GramLookup, packed_dir, quantization: dict, workers: int = 1):
     """{variant: {layer: W_hat}} and {variant: {layer: all-in bpw}} for sop_promoted (read back
     from the packed files, so the evaluation checks what was shipped), sop6 (every layer at
-    quantization.bits) and every fixed-format baseline."""
+    UNIFORM_BITS; quantization: group, scale_format, error_feedback) and every fixed-format
+    baseline."""
     variants, bpw = {}, {}
     variants["sop_promoted"], bpw["sop_promoted"] = _sop_variant(read_packed(packed_dir))
     uniform = {
-        name: (quantization["bits"], resolve_group(quantization["group"], W.shape[1]), quantization["scale_format"])
+        name: (UNIFORM_BITS, resolve_group(quantization["group"], W.shape[1]), quantization["scale_format"])
         for name, W in weights.items()
     }
-    sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], f"sop{quantization['bits']}", workers)
+    sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], "sop6", workers)
     variants["sop6"], bpw["sop6"] = _sop_variant(sop6)
     for name, baseline in BASELINES.items():
         results = {layer: baseline(W) for layer, W in weights.items()}
@@ -52,9 +56,8 @@ def layer_table(weights, gram: GramLookup, variants: dict, bpw: dict) -> pd.Data
 def summarize(per_layer: pd.DataFrame, end_to_end: pd.DataFrame) -> pd.DataFrame:
     """One row per variant: all-in bpw averaged over weights, E_out median/p95/max, end-to-end metrics."""
     def stats(g: pd.DataFrame) -> pd.Series:
-        size = g["n"] * g["k"]
         return pd.Series({
-            "bpw": (g["bpw"] * size).sum() / size.sum(),
+            "bpw": average_bpw(g),
             "e_out_median": g["e_out"].median(),
             "e_out_p95": g["e_out"].quantile(0.95),
             "e_out_max": g["e_out"].max(),

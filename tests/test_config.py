@@ -23,7 +23,6 @@ def test_default_config_is_valid(config):
         (lambda c: c.update(budget_bpw="six"), r"budget_bpw: 'six' is not of type 'number'"),
         (lambda c: c["quantization"].update(group=48), r"quantization.group: 48 is not valid"),
         (lambda c: c["quantization"].update(allowed_bits=[3, 6]), r"quantization.allowed_bits.0: 3 is not one of"),
-        (lambda c: c["quantization"].update(bits=7, allowed_bits=[4, 6]), r"quantization.bits: 7 must be one of"),
         (lambda c: c["families"]["bert"].update(kind="decoder"), r"families.bert.kind: 'decoder' is not one of"),
         (lambda c: c["families"]["bert"].pop("source"), r"families.bert: 'source' is a required property"),
         (lambda c: c["layers"].update(exclude=["(unclosed"]), r"layers.exclude: bad regular expression"),

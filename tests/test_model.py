@@ -35,7 +35,7 @@ def test_load_model_gives_float32_eval_models(llama, bert):
 def test_load_model_rejects_bad_directories(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "missing", "causal_lm")
-    with pytest.raises(ValueError, match="neither config.json"):
+    with pytest.raises(ValueError, match=r"neither an HF model directory \(no config.json\) nor a single .gguf"):
         load_model(tmp_path, "causal_lm")
     (tmp_path / "a.gguf").write_bytes(b"")
     (tmp_path / "b.gguf").write_bytes(b"")

@@ -1,7 +1,6 @@
 """calibrate: per-channel input statistics (Parquet) and Gram matrices (safetensors) of every layer."""
 from pathlib import Path
 
-import torch
 
 from sopq.calibrate import collect_stats
 from sopq.io import save_safetensors, write_parquet
@@ -10,7 +9,6 @@ from sopq.model import load_model, quantizable_layers, token_sequences
 
 p = snakemake.params
 with rule_log(snakemake.log[0], snakemake.threads) as log:
-    torch.manual_seed(p.seed)
     model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     layers = quantizable_layers(model, p.include, p.exclude)
     sequences = token_sequences(tokenizer, Path(snakemake.input.text).read_text(), p.n_seq, p.seq_len)

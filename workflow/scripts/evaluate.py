@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from sopq.calibrate import load_gram
 from sopq.evaluate import evaluate_variants
@@ -14,7 +13,6 @@ from sopq.variants import build_variants, layer_table, summarize
 
 p = snakemake.params
 with rule_log(snakemake.log[0], snakemake.threads):
-    torch.manual_seed(p.seed)
     model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     layers = quantizable_layers(model, p.include, p.exclude)
     weights = {name: get_weight(module).clone() for name, module in layers.items()}

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from sopq.calibrate import load_gram
 from sopq.evaluate import measure_layer_importance
@@ -13,7 +12,6 @@ from sopq.sensitivity import GramLookup
 
 p = snakemake.params
 with rule_log(snakemake.log[0], snakemake.threads):
-    torch.manual_seed(p.seed)
     model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     layers = quantizable_layers(model, p.include, p.exclude)
     gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
