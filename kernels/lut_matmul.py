@@ -20,6 +20,15 @@ SCALE_FORMAT_BY_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.ui
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def scale_format(scales: torch.Tensor) -> str:
+    """The scale format of a stored scale tensor, from its dtype."""
+    if scales.dtype not in SCALE_FORMAT_BY_DTYPE:
+        raise ValueError(
+            f"scales dtype {scales.dtype} is not a stored scale format; use float16, bfloat16 or uint8 (e8m0)"
+        )
+    return SCALE_FORMAT_BY_DTYPE[scales.dtype]
+
+
 @triton.jit
 def _lut_matmul_kernel(
     x_ptr, words_ptr, codebook_ptr, scales_ptr, y_ptr,
@@ -112,10 +121,7 @@ def lut_matmul(
         )
     if codebook.dim() != 1 or codebook.numel() != 2**bits:
         raise ValueError(f"codebook must have 2^bits = {2**bits} entries, got shape {tuple(codebook.shape)}")
-    if scales.dtype not in SCALE_FORMAT_BY_DTYPE:
-        raise ValueError(
-            f"scales dtype {scales.dtype} is not a stored scale format; use float16, bfloat16 or uint8 (e8m0)"
-        )
+    scale_format(scales)
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive integer, got {group!r}")
     groups = num_groups(k, group)
@@ -170,11 +176,7 @@ def reference_lut_matmul(
     k: int,
 ) -> torch.Tensor:
     """The same product in float64 on the CPU via unpack_codes + dequantize: what lut_matmul must match."""
-    if scales.dtype not in SCALE_FORMAT_BY_DTYPE:
-        raise ValueError(
-            f"scales dtype {scales.dtype} is not a stored scale format; use float16, bfloat16 or uint8 (e8m0)"
-        )
     codes = unpack_codes(words.cpu(), bits, (n, k))
-    decoded = decode_scales(scales.cpu(), SCALE_FORMAT_BY_DTYPE[scales.dtype])
+    decoded = decode_scales(scales.cpu(), scale_format(scales))
     w_hat = dequantize(codes, codebook.cpu(), decoded, group)
     return x.cpu().double() @ w_hat.double().T

@@ -55,52 +55,42 @@ def _save_tokenizer(out_dir: Path) -> int:
     return tokenizer.get_vocab_size()
 
 
-def make_tiny_llama(out_dir) -> Path:
-    """Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _save_random_model(out_dir, config_cls, model_cls, **architecture) -> Path:
+    """A tiny randomly initialised model (hidden 64, 2 layers, 4 heads) with the tiny tokenizer."""
     out_dir = Path(out_dir)
-    vocab_size = _save_tokenizer(out_dir)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    config = config_cls(
+        vocab_size=_save_tokenizer(out_dir),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
         pad_token_id=0,
-        # At the default std 0.02 the next-token distribution is near uniform whatever the weights;
-        # a larger std makes the output depend visibly on every layer, as a trained model's does.
+        # At the default std 0.02 the output is nearly independent of the weights; a larger std
+        # makes it depend visibly on every layer, as a trained model's does.
         initializer_range=0.2,
+        **architecture,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    model_cls(config).save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_llama(out_dir) -> Path:
+    """Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_random_model(
+        out_dir, LlamaConfig, LlamaForCausalLM,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )
 
 
 def make_tiny_bert(out_dir) -> Path:
     """BERT encoder (with pooler) using the same tiny tokenizer."""
     from transformers import BertConfig, BertModel
 
-    out_dir = Path(out_dir)
-    vocab_size = _save_tokenizer(out_dir)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        initializer_range=0.2,  # see make_tiny_llama
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out_dir)
-    return out_dir
+    return _save_random_model(out_dir, BertConfig, BertModel)
 
 
 if __name__ == "__main__":
