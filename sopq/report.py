@@ -48,6 +48,12 @@ VARIANT_LABELS = {
     "sop_promoted": "SOP, promoted under the budget",
     "fp8_channel": "FP8 E4M3, one scale per output channel",
     "fp8_tensor": "FP8 E4M3, one power-of-two scale per tensor",
+    "fp6_e2m3_mx": "FP6 E2M3, MX blocks of 32 with E8M0 scales",
+    "fp6_e3m2_mx": "FP6 E3M2, MX blocks of 32 with E8M0 scales",
+    "fp6_e2m3_channel": "FP6 E2M3, one scale per output channel",
+    "fp6_e3m2_channel": "FP6 E3M2, one scale per output channel",
+    "int8_channel": "INT8 symmetric, one scale per output channel",
+    "int6_channel": "INT6 symmetric, one scale per output channel",
 }
 VARIANT_COLORS = {
     "reference": "#000000",

@@ -41,3 +41,51 @@ def test_fp8_per_tensor_uses_a_power_of_two_scale():
     scaled = W_hat * 2**7
     assert torch.equal(scaled, scaled.float().to(torch.float8_e4m3fn).double())
     assert bpw == 8 + 8 / 4
+
+
+def test_minifloat_matches_torch_float8_e4m3_and_e5m2():
+    from sopq.baselines import Minifloat
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * s for s in (1e-3, 0.1, 1.0, 30.0, 300.0)])
+    x = torch.cat([x, torch.tensor([0.0, 2.0**-9, 2.0**-10, 1.0625, 1.1875, 448.0, 464.0, -1e5])])
+    # E4M3FN gives its top binade's last code to NaN, so its largest value is 448, not the 480
+    # of the generic format: compare inside +-448, where the two formats agree.
+    inside = x.clamp(-448, 448)
+    assert torch.equal(Minifloat(exp_bits=4, man_bits=3, bias=7).round(inside), inside.to(torch.float8_e4m3fn).double())
+    e5m2 = Minifloat(exp_bits=5, man_bits=2, bias=15)
+    inside = x.clamp(-57344, 57344)
+    assert torch.equal(e5m2.round(inside), inside.to(torch.float8_e5m2).double())
+
+
+def test_fp6_known_values():
+    from sopq.baselines import FP6_E2M3, FP6_E3M2
+
+    assert FP6_E2M3.max_value == 7.5 and FP6_E3M2.max_value == 28.0
+    # E2M3: subnormal step 1/8 below 1; 0.0625 is a tie between 0 and 0.125 -> even (0).
+    x = torch.tensor([0.0625, 0.1875, 1.0, 1.0625, 3.3, 7.4, 8.0, -100.0])
+    assert FP6_E2M3.round(x).tolist() == [0.0, 0.25, 1.0, 1.0, 3.25, 7.5, 7.5, -7.5]
+    # E3M2: smallest subnormal 2^-4; binade [4, 8) has step 1.
+    y = torch.tensor([0.03125, 0.09375, 5.4, 5.5, 6.5, 27.0, 30.0])
+    assert FP6_E3M2.round(y).tolist() == [0.0, 0.125, 5.0, 6.0, 6.0, 28.0, 28.0]
+
+
+def test_mx_scales_and_bpw():
+    from sopq.baselines import FP6_E2M3, minifloat_mx
+
+    # One block: absmax 6 -> scale 2^(floor(log2 6) - 2) = 1, so E2M3 values survive exactly.
+    W = torch.tensor([[6.0, 1.5, -0.25] + [0.0] * 29])
+    W_hat, bpw = minifloat_mx(W, FP6_E2M3)
+    assert torch.equal(W_hat.float(), W) and bpw == 6.25
+    # K = 40: two blocks (the second partial) per row.
+    assert minifloat_mx(torch.randn(3, 40), FP6_E2M3)[1] == pytest.approx(6 + 8 * 2 / 40)
+
+
+def test_int_per_channel():
+    from sopq.baselines import int_per_channel
+
+    W = torch.tensor([[31.0, -15.5, 0.4], [1.0, 0.5, 0.26]])
+    W_hat, bpw = int_per_channel(W, 6)  # qmax 31: row 0 has scale 1, row 1 scale 1/31
+    assert W_hat[0].tolist() == [31.0, -16.0, 0.0]  # -15.5 ties to even
+    assert (W_hat[1] * 31).round().tolist() == [31.0, 16.0, 8.0]
+    assert bpw == 6 + 32 / 3

@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sopq.baselines import BASELINES
 from sopq.variants import UNIFORM_BITS, build_variants, layer_table, summarize
 from sopq.quantize import quantize_layer
 from sopq.store import write_packed
@@ -34,12 +35,12 @@ def test_build_variants_reads_the_packed_plan_and_fits_uniform(tmp_path):
     write_packed(packed, tmp_path / "packed", "fam")
     quantization = {"group": 32, "scale_format": "fp16", "error_feedback": True}
     variants, bpw = build_variants(weights, Grams(), tmp_path / "packed", quantization)
-    assert set(variants) == {"sop_promoted", "sop6", "fp8_channel", "fp8_tensor"}
+    assert set(variants) == {"sop_promoted", "sop6", *BASELINES}
     assert torch.equal(variants["sop_promoted"]["a"], packed["a"].dequantize())
     assert bpw["sop_promoted"]["a"] < bpw["sop6"]["a"] < bpw["sop_promoted"]["b"]
     assert bpw["sop6"]["a"] == pytest.approx(UNIFORM_BITS + 16 / 32 + 16 * 64 / (16 * 64))
     table = layer_table(weights, Grams(), variants, bpw)
-    assert len(table) == 8
+    assert len(table) == 2 * len(variants)
     # 8 bits beat 4 bits on the same layer set; every variant is close to the weights.
     errors = table.set_index(["variant", "layer"])["e_out"]
     assert errors["sop_promoted", "b"] < errors["sop6", "b"] and (table["acos"] > 0.99).all()

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sopq.baselines import BASELINES
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def test_every_stage_wrote_its_contract(run):
         assert (kernel["rel_err"] < 1e-2).all()
 
         summary = pd.read_parquet(out / "eval.parquet").set_index("variant")
-        assert set(summary.index) == {"reference", "sop6", "sop_promoted", "fp8_channel", "fp8_tensor"}
+        assert set(summary.index) == {"reference", "sop6", "sop_promoted", *BASELINES}
         if spec["kind"] == "causal_lm":
             assert summary.loc["reference", "kl_mean"] == 0 and summary.loc["reference", "top1"] == 1
             assert (summary.drop("reference")["kl_mean"] > 0).all()
