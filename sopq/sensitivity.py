@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from sopq.calibrate import load_gram
 from sopq.formats import sop_bpw
 from sopq.metrics import layer_errors
 from sopq.quantize import QuantizedLayer, quantize_layer
@@ -29,6 +30,11 @@ class GramLookup:
         self._key_of = stats.drop_duplicates("layer").set_index("layer")["gram_key"].to_dict()
         self._load = load
         self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_files(cls, stats_path, grams_path) -> "GramLookup":
+        """From the calibrate stage's outputs: stats.parquet (layer -> gram_key) and grams.safetensors."""
+        return cls(pd.read_parquet(stats_path, columns=["layer", "gram_key"]), lambda key: load_gram(grams_path, key))
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         key = self._key_of[layer]

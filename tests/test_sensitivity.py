@@ -55,3 +55,13 @@ def test_fit_layers_same_codes_with_workers():
         assert torch.equal(serial[name].codes, parallel[name].codes)
         assert torch.equal(serial[name].scales, parallel[name].scales)
     assert serial["a.o"].scales.dtype == torch.bfloat16 and serial["a.o"].group == 16
+
+
+def test_gram_lookup_from_calibration_files(tmp_path):
+    from sopq.io import save_safetensors, write_parquet
+
+    H = torch.eye(3) * 2
+    write_parquet(pd.DataFrame({"layer": ["x.q", "x.k"], "gram_key": ["x.q", "x.q"], "channel": [0, 0]}), tmp_path / "s.parquet")
+    save_safetensors({"x.q": H}, tmp_path / "g.safetensors")
+    lookup = GramLookup.from_files(tmp_path / "s.parquet", tmp_path / "g.safetensors")
+    assert torch.equal(lookup["x.k"], H.double())

@@ -1,9 +1,7 @@
 """evaluate: SOP (promoted and uniform) and the FP8 baselines, per layer and end to end."""
 from pathlib import Path
 
-import pandas as pd
 
-from sopq.calibrate import load_gram
 from sopq.evaluate import evaluate_variants
 from sopq.io import write_parquet
 from sopq.logs import rule_log, usable_cpus
@@ -16,7 +14,7 @@ with rule_log(snakemake.log[0], snakemake.threads):
     model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     layers = quantizable_layers(model, p.include, p.exclude)
     weights = {name: get_weight(module).clone() for name, module in layers.items()}
-    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+    gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
 
     variants, bpw = build_variants(weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads))
     per_layer = layer_table(weights, gram, variants, bpw)

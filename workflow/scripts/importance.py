@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from sopq.calibrate import load_gram
 from sopq.evaluate import measure_layer_importance
 from sopq.io import write_parquet
 from sopq.logs import rule_log
@@ -14,7 +13,7 @@ p = snakemake.params
 with rule_log(snakemake.log[0], snakemake.threads):
     model, tokenizer = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     layers = quantizable_layers(model, p.include, p.exclude)
-    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+    gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
     sequences = token_sequences(tokenizer, Path(snakemake.input.text).read_text(), p.importance["n_seq"], p.seq_len)
     alpha = measure_layer_importance(model, p.kind, layers, sequences, gram, p.importance["rel_error"], p.seed)
     write_parquet(pd.DataFrame({"layer": list(alpha), "alpha": list(alpha.values())}), snakemake.output[0])

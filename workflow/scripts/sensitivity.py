@@ -1,7 +1,6 @@
 """sensitivity: fit every layer at every allowed width and measure its errors; attach alpha."""
 import pandas as pd
 
-from sopq.calibrate import load_gram
 from sopq.io import write_parquet
 from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers
@@ -11,7 +10,7 @@ p = snakemake.params
 with rule_log(snakemake.log[0], snakemake.threads):
     model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     weights = {name: get_weight(module) for name, module in quantizable_layers(model, p.include, p.exclude).items()}
-    gram = GramLookup(pd.read_parquet(snakemake.input.stats), lambda key: load_gram(snakemake.input.grams, key))
+    gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
     table = score_layers(
         weights, gram, p.allowed_bits, p.group, p.scale_format, p.error_feedback, workers=usable_cpus(snakemake.threads)
     )
