@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from sopq.baselines import BASELINES
+from sopq.config import validate_config
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,3 +143,16 @@ def test_infeasible_budget_names_the_smallest_feasible(run):
     assert re.search(r"error: budget_bpw=3\.0 is infeasible: the smallest achievable average is 4\.5\d* bits", output)
     assert "Traceback" not in output
     assert not (work / "results" / "tinyllama" / "plan.parquet").exists()
+
+
+def test_hub_config_plans_every_stage_for_six_families(tmp_path):
+    # No weights are needed to plan: the dry run proves the hub config validates and wires up.
+    hub_config = REPO / "config" / "hub-six-families.yaml"
+    config = yaml.safe_load(hub_config.read_text())
+    validate_config(config)
+    output = snakemake(tmp_path, hub_config, "results/report.html", "-n")
+    assert len(config["families"]) == 6
+    for name in config["families"]:
+        for contract in ["sensitivity.parquet", "plan.parquet", "packed", "kernel.parquet", "eval.parquet"]:
+            assert f"results/{name}/{contract}" in output, (name, contract)
+    assert planned_jobs(output)["report"] == 1
