@@ -4,6 +4,10 @@
 # The config file comes from profiles/default (config.yaml) unless --configfile names another:
 # a second config file replaces the default rather than merging into it.
 
+# `snakemake --report results/snakemake_report.zip` packs the outputs marked with report().
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/fetch.smk"
 include: "rules/calibrate.smk"

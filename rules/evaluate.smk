@@ -6,7 +6,7 @@ rule evaluate:
         stats="results/{family}/calib/stats.parquet",
         grams="results/{family}/calib/grams.safetensors",
     output:
-        summary="results/{family}/eval.parquet",
+        summary=report("results/{family}/eval.parquet", caption="../workflow/report/eval.rst", category="{family}"),
         layers="results/{family}/eval_layers.parquet",
     params:
         **MODEL_PARAMS,

@@ -2,7 +2,7 @@ rule kernel:
     input:
         "results/{family}/packed",
     output:
-        "results/{family}/kernel.parquet",
+        report("results/{family}/kernel.parquet", caption="../workflow/report/kernel.rst", category="{family}"),
     params:
         m=config["kernel"]["m"],
         seed=config["seed"],

@@ -2,7 +2,7 @@ rule promote:
     input:
         "results/{family}/sensitivity.parquet",
     output:
-        "results/{family}/plan.parquet",
+        report("results/{family}/plan.parquet", caption="../workflow/report/plan.rst", category="{family}"),
     params:
         budget_bpw=config["budget_bpw"],
         tie_groups=config["tie_groups"],

@@ -16,7 +16,7 @@ rule report:
         benchmarks=expand("benchmarks/{family}/{stage}.tsv", family=FAMILIES, stage=FAMILY_STAGES)
         + ["benchmarks/fetch_text.tsv"],
     output:
-        "results/report.html",
+        report("results/report.html", caption="../workflow/report/report.rst", category="Report"),
     params:
         families=FAMILIES,
         config=config,

