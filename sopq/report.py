@@ -486,7 +486,7 @@ def _plot_bits(family: Family) -> str:
 # ----------------------------------------------------------------------------- sections
 
 
-def _summary_section(families: list[Family]) -> str:
+def _summary_section(families: list[Family], layers_config: dict) -> str:
     head = [
         [
             _th("family", rowspan=2),
@@ -568,9 +568,17 @@ lower is better. End-to-end: KL divergence from the unquantized model's next-tok
 (lower is better) for causal LMs, cosine similarity of pooled embeddings to the unquantized
 model's (higher is better) for encoders; perplexity lower, top-1 agreement higher.
 ↓ / ↑ in headers: lower / higher is better. – : not measured.</p>
+<p class="legend">Quantized: every linear layer whose name matches a pattern of
+<code>layers.include</code> ({_patterns(layers_config["include"])}) and none of <code>layers.exclude</code>
+({_patterns(layers_config["exclude"])}); an LM head tied to the token embedding is never quantized.
+Embeddings, the LM head, norms and biases stay in the source precision and are not counted in bpw.</p>
 {verdict}
 {''.join(tables)}
 </section>"""
+
+
+def _patterns(patterns: list[str]) -> str:
+    return ", ".join(f"<code>{html.escape(p)}</code>" for p in patterns) or "none"
 
 
 def _plan_part(family: Family) -> str:
@@ -830,7 +838,7 @@ def build_report(families: dict[str, dict], config: dict, benchmarks: list[Path]
     nav = " ".join(f'<a href="#{_anchor(f.name)}">{html.escape(f.name)}</a>' for f in loaded)
     body = "\n".join(
         [
-            _summary_section(loaded),
+            _summary_section(loaded, config["layers"]),
             *(_family_section(f) for f in loaded),
             _provenance_section(config, timings, generated),
         ]

