@@ -15,7 +15,8 @@ from torch import nn
 
 from sopq.io import atomic_path
 from sopq.model import get_weight, load_model, set_weight
-from sopq.store import PackedFormatError, read_packed_tensors, unpacked_layer
+from sopq.model import load_tokenizer as load_source_tokenizer
+from sopq.store import SCALE_DTYPES, PackedFormatError, read_manifest, read_packed_tensors, unpacked_layer
 from transformers.pytorch_utils import Conv1D
 
 
@@ -36,9 +37,19 @@ class PackedLinear(nn.Module):
         # None: the kernel on CUDA tensors, the fallback elsewhere.
         self.kernel = kernel
         self.register_buffer("words", words)
-        self.register_buffer("codebook", codebook)
-        self.register_buffer("scales", scales)
+        # fp16/bf16 tensors are kept as their raw 16-bit patterns: model.half() or
+        # .to(torch.bfloat16) would otherwise re-round the codebook and scales.
+        self.register_buffer("codebook_bits", codebook.view(torch.int16))
+        self.register_buffer("scale_bits", scales.view(torch.int16) if scales.is_floating_point() else scales)
         self.register_buffer("bias", bias)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.codebook_bits.view(torch.float16)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.scale_bits.view(SCALE_DTYPES[self.scale_format])
 
     def dequantize(self) -> torch.Tensor:
         """W_hat (N, K) in float32."""
@@ -62,13 +73,14 @@ class PackedLinear(nn.Module):
                 f"group={self.group}, scale_format={self.scale_format}, bias={self.bias is not None}")
 
 
-def _source(manifest: dict, packed_dir: Path, model_dir) -> tuple[Path, str, bool]:
-    """(model directory, kind, trust_remote_code) of the model the packed directory was made from."""
-    source = manifest.get("source")
+def _source_model(manifest: dict, packed_dir: Path, model_dir) -> tuple[Path, dict]:
+    """(model directory, the manifest's source record) of the model the packed directory was made
+    from; model_dir, when given, overrides the recorded directory."""
+    source = manifest.get("source") or {}
     if model_dir is None:
-        if source is None:
+        if "model" not in source:
             raise PackedFormatError(
-                f"{packed_dir}/manifest.json names no model source; pass model_dir= (the model it was quantized from)"
+                f"{packed_dir}/manifest.json names no source model; pass model_dir= (the model it was quantized from)"
             )
         model_dir = packed_dir / source["model"]
         if not model_dir.is_dir():
@@ -76,9 +88,7 @@ def _source(manifest: dict, packed_dir: Path, model_dir) -> tuple[Path, str, boo
                 f"{packed_dir}: the source model {model_dir} it was quantized from is not there; "
                 "pass model_dir= where it lives now"
             )
-    if source is None:
-        raise PackedFormatError(f"{packed_dir}/manifest.json does not say the model kind; repack it with this version")
-    return Path(model_dir), source["kind"], source.get("trust_remote_code", False)
+    return Path(model_dir), source
 
 
 def _packed_layers(model: nn.Module, manifest: dict, packed_dir: Path):
@@ -97,21 +107,26 @@ def _packed_layers(model: nn.Module, manifest: dict, packed_dir: Path):
         yield name, model.get_submodule(parent_name), attribute, layer
 
 
-def _open(packed_dir, model_dir):
+def _open(packed_dir, model_dir, kind):
     packed_dir = Path(packed_dir)
     manifest, tensors = read_packed_tensors(packed_dir)
-    model_dir, kind, trust_remote_code = _source(manifest, packed_dir, model_dir)
-    model, tokenizer = load_model(model_dir, kind, trust_remote_code=trust_remote_code)
+    model_dir, source = _source_model(manifest, packed_dir, model_dir)
+    kind = kind or source.get("kind")
+    if kind is None:
+        raise PackedFormatError(f"{packed_dir}/manifest.json does not record the model kind; pass kind=")
+    model, tokenizer = load_model(model_dir, kind, trust_remote_code=source.get("trust_remote_code", False))
     return packed_dir, manifest, tensors, model, tokenizer
 
 
-def load(packed_dir, *, model_dir=None, device=None, kernel: bool | None = None) -> nn.Module:
+def load(packed_dir, *, model_dir=None, kind=None, device=None, kernel: bool | None = None) -> nn.Module:
     """The model with every packed layer replaced by a PackedLinear; float32, eval mode.
 
-    kernel: None uses the Triton kernel for CUDA inputs and the torch fallback otherwise.
-    Raises PackedFormatError for a damaged, tampered or mismatched packed directory.
+    model_dir, kind: the source model and its kind ("causal_lm", "encoder"), by default those
+    the manifest records. kernel: None uses the Triton kernel for CUDA inputs and the torch
+    fallback otherwise. Raises PackedFormatError for a damaged, tampered or mismatched packed
+    directory.
     """
-    packed_dir, manifest, tensors, model, _ = _open(packed_dir, model_dir)
+    packed_dir, manifest, tensors, model, _ = _open(packed_dir, model_dir, kind)
     for name, parent, attribute, layer in list(_packed_layers(model, manifest, packed_dir)):
         t = tensors[name]
         bias = None if layer.bias is None else layer.bias.detach().clone()
@@ -122,13 +137,15 @@ def load(packed_dir, *, model_dir=None, device=None, kernel: bool | None = None)
 
 def load_tokenizer(packed_dir, *, model_dir=None):
     """The tokenizer of the model the packed directory was made from."""
-    return _open(packed_dir, model_dir)[4]
+    packed_dir = Path(packed_dir)
+    model_dir, source = _source_model(read_manifest(packed_dir), packed_dir, model_dir)
+    return load_source_tokenizer(model_dir, trust_remote_code=source.get("trust_remote_code", False))
 
 
-def export_dequantized(packed_dir, out_dir, *, model_dir=None) -> None:
+def export_dequantized(packed_dir, out_dir, *, model_dir=None, kind=None) -> None:
     """Write a plain HF checkpoint (config, float32 safetensors, tokenizer) whose quantized layers
     hold W_hat, for tools that cannot read the packed format. It is as large as float32."""
-    packed_dir, manifest, tensors, model, tokenizer = _open(packed_dir, model_dir)
+    packed_dir, manifest, tensors, model, tokenizer = _open(packed_dir, model_dir, kind)
     for name, _, _, layer in _packed_layers(model, manifest, packed_dir):
         set_weight(layer, unpacked_layer(manifest["layers"][name], tensors[name]).dequantize())
     with atomic_path(out_dir) as tmp:

@@ -115,3 +115,31 @@ def test_packed_from_another_model_is_refused(packed, tmp_path):
     other = make_tiny_bert(tmp_path / "bert")
     with pytest.raises(PackedFormatError, match="layer model.layers.0.self_attn.q_proj is not in the model"):
         sopq.load(packed_dir, model_dir=other)
+
+
+def test_dtype_casts_keep_the_stored_codebook_and_scales(packed):
+    """model.to(bfloat16) casts activations and biases, never the stored fp16/bf16 tables."""
+    packed_dir, _ = packed
+    model = sopq.load(packed_dir)
+    before = {name: (m.codebook.clone(), m.scales.clone()) for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    model.to(torch.bfloat16)
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            assert torch.equal(m.codebook, before[name][0]) and m.codebook.dtype == torch.float16
+            assert torch.equal(m.scales, before[name][1]) and m.scales.dtype == before[name][1].dtype
+    assert model(torch.tensor([[1, 5, 9]])).logits.dtype == torch.bfloat16
+
+
+def test_packed_dir_without_a_recorded_source_needs_model_dir_and_kind(packed, tmp_path):
+    packed_dir, model_dir = packed
+    old = tmp_path / "packed"
+    shutil.copytree(packed_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["source"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackedFormatError, match="names no source model; pass model_dir="):
+        sopq.load(old)
+    with pytest.raises(PackedFormatError, match="does not record the model kind; pass kind="):
+        sopq.load(old, model_dir=model_dir)
+    model = sopq.load(old, model_dir=model_dir, kind="causal_lm")
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
