@@ -18,7 +18,7 @@ from sopq.baselines import BASELINES
 from sopq.config import validate_config
 from sopq.evaluate import evaluate_variants
 from sopq.io import sha256_file
-from sopq.model import token_sequences
+from sopq.model import load_model, quantizable_layers, set_weight, token_sequences
 from sopq.packed_model import PackedLinear, load_tokenizer
 from sopq.store import read_packed
 from tiny_models import make_tiny_bert, make_tiny_llama
@@ -186,6 +186,20 @@ def test_loaded_model_perplexity_equals_the_evaluate_stage(run):
     staged = pd.read_parquet(work / "results" / "tinyllama" / "eval.parquet").set_index("variant")
     assert loaded["ppl"].item() == pytest.approx(staged.loc["sop_promoted", "ppl"], rel=1e-6)
     assert staged.loc["sop_promoted", "ppl"] != pytest.approx(staged.loc["reference", "ppl"], rel=1e-6)
+
+
+def test_loaded_encoder_equals_the_evaluate_stage_weights(run):
+    """The encoder family through sopq.load: the same outputs as W_hat written into the model,
+    which is how the evaluate stage runs it."""
+    work, config, _ = run
+    packed = work / "results" / "tinybert" / "packed"
+    loaded = sopq.load(packed)
+    model, _ = load_model(work / "resources" / "models" / "tinybert", "encoder")
+    layers = quantizable_layers(model, config["layers"]["include"], config["layers"]["exclude"])
+    for name, q in read_packed(packed).items():
+        set_weight(layers[name], q.dequantize())
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250]])
+    torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_export_rule_writes_the_dequantized_checkpoint(run):
