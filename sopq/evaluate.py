@@ -5,6 +5,7 @@ same sequences, same batches, same reference outputs.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -283,7 +284,8 @@ def probe_layer_importance(
     for name in layers:
         W, H = weights[name].detach().double(), grams[name]
         signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
-        if not (signal > 0 and trace_h > 0):
-            raise ValueError(f"layer {name}: tr(W H W^T) or tr(H) is not positive (degenerate Gram matrix)")
-        alpha[name] = grad_sq[name] * signal / (2 * W.shape[0] * trace_h * count)
+        if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
+            raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
+        # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
+        alpha[name] = grad_sq[name] * signal / (2 * W.shape[0] * trace_h * count) if signal > 0 else 0.0
     return alpha

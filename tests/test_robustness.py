@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import sopq
 from sopq.calibrate import collect_stats
-from sopq.evaluate import measure_layer_importance
+from sopq.evaluate import measure_layer_importance, probe_layer_importance
 from sopq.model import get_weight, load_model, quantizable_layers, set_weight, token_sequences
 from sopq.packed_model import PackedLinear
 from sopq.promote import promote
@@ -63,7 +63,14 @@ def test_nan_or_inf_weight_names_the_parameter(llama_dir, tmp_path, value):
         load_model(model_dir, "causal_lm")
 
 
-def test_zero_and_constant_layers_go_through_every_stage(llama_dir, tmp_path):
+IMPORTANCE = {
+    "noise": lambda *args: measure_layer_importance(*args, 1e-3, 0, progress=False),
+    "probe": lambda *args: probe_layer_importance(*args, 0, progress=False),
+}
+
+
+@pytest.mark.parametrize("importance", IMPORTANCE)
+def test_zero_and_constant_layers_go_through_every_stage(llama_dir, tmp_path, importance):
     """importance -> sensitivity -> promote -> fit -> pack -> load, with one all-zero and one
     constant layer: the zero layer costs nothing at any width and decodes to exactly zero."""
     model, tokenizer = load_model(llama_dir, "causal_lm")
@@ -76,7 +83,7 @@ def test_zero_and_constant_layers_go_through_every_stage(llama_dir, tmp_path):
     gram_of = stats.drop_duplicates("layer").set_index("layer")["gram_key"]
     gram = {name: grams[gram_of[name]].double() for name in layers}
 
-    alpha = measure_layer_importance(model, "causal_lm", layers, sequences[:2], gram, 1e-3, 0, progress=False)
+    alpha = IMPORTANCE[importance](model, "causal_lm", layers, sequences[:2], gram)
     assert alpha[zero] == 0 and alpha[constant] > 0 and alpha[normal] > 0
 
     weights = {name: get_weight(m) for name, m in layers.items()}
