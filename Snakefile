@@ -18,6 +18,7 @@ include: "rules/pack.smk"
 include: "rules/kernel.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
 
 
 rule all:

@@ -5,6 +5,7 @@ same sequences, same batches, same reference outputs.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -174,6 +175,9 @@ def measure_layer_importance(
     layer at a time. D is the mean KL(ref || noisy) per next token (causal_lm) or the mean 1 - cosine
     of pooled embeddings (encoder). HIGGS' linearity says D is close to alpha_l * E_out at small errors.
     `grams` maps each layer name to its Gram matrix (any object indexable by layer name).
+    A layer whose output is zero on the calibration inputs (tr(W H W^T) = 0: an all-zero weight,
+    or inputs that are always zero) gets alpha 0: relative noise on it is zero noise, and its
+    output error is zero at any width.
     """
     _check_kind(kind)
     if not rel_error > 0:
@@ -186,9 +190,10 @@ def measure_layer_importance(
         Z = _noise_direction(name, W.shape, seed).double()
         signal = ((W @ H) * W).sum()
         noise = ((Z @ H) * Z).sum()
-        if not (signal > 0 and noise > 0):
-            raise ValueError(f"layer {name}: tr(W H W^T) or tr(Z H Z^T) is not positive (degenerate Gram matrix)")
-        noise_scale[name] = float((rel_error * signal / noise).sqrt())
+        if not (torch.isfinite(signal) and signal >= 0 and noise >= 0):
+            raise ValueError(f"layer {name}: tr(W H W^T) = {float(signal)} (a damaged weight or Gram matrix)")
+        if signal > 0:
+            noise_scale[name] = float((rel_error * signal / noise).sqrt())
 
     damage = dict.fromkeys(layers, 0.0)
     count = 0
@@ -200,6 +205,9 @@ def measure_layer_importance(
             # cost besides the forward pass. float32 is ample at the KL sizes measured here.
             logp_ref = ref[:, :-1].float().log_softmax(-1) if kind == "causal_lm" else None
             for name, module in layers.items():
+                if name not in noise_scale:
+                    bar.update()
+                    continue
                 W = get_weight(module).clone()
                 try:
                     set_weight(module, W + noise_scale[name] * _noise_direction(name, W.shape, seed))
@@ -276,7 +284,8 @@ def probe_layer_importance(
     for name in layers:
         W, H = weights[name].detach().double(), grams[name]
         signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
-        if not (signal > 0 and trace_h > 0):
-            raise ValueError(f"layer {name}: tr(W H W^T) or tr(H) is not positive (degenerate Gram matrix)")
-        alpha[name] = grad_sq[name] * signal / (2 * W.shape[0] * trace_h * count)
+        if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
+            raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
+        # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
+        alpha[name] = grad_sq[name] * signal / (2 * W.shape[0] * trace_h * count) if signal > 0 else 0.0
     return alpha

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,9 +15,12 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; move it into place only if the block succeeds.
 
     Works for files and directories: the caller writes whatever it likes at the yielded path.
+    A process killed mid-write (SIGKILL, a lost node) leaves only its hidden temporary folder,
+    never a partial `path`; the next write of `path` removes such leftovers.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp = tmp_dir / path.name
     try:
@@ -26,6 +30,15 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # mkdtemp's names: the prefix, then 8 characters of [a-z0-9_]. Only one job writes a given
+    # output at a time (Snakemake), so any such folder is left over from a killed attempt.
+    stale = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}")
+    for entry in path.parent.iterdir():
+        if entry.is_dir() and stale.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def write_parquet(df, path) -> None:

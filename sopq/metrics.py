@@ -17,9 +17,12 @@ def layer_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> dict[
     dW = W - W_hat
     w_norm = _h_inner(W, W, H)
     what_norm = _h_inner(W_hat, W_hat, H)
+    dw_norm = _h_inner(dW, dW, H)
+    # A layer with zero output (or zero weight) has no relative error to speak of: 0 if the
+    # quantized layer reproduces it exactly, NaN (undefined) otherwise.
     return {
-        "e_out": (_h_inner(dW, dW, H) / w_norm).item() if w_norm > 0 else float("nan"),
-        "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else float("nan"),
+        "e_out": (dw_norm / w_norm).item() if w_norm > 0 else (0.0 if dw_norm == 0 else float("nan")),
+        "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else (0.0 if not dW.any() else float("nan")),
         "acos": (_h_inner(W, W_hat, H) / (w_norm * what_norm).sqrt()).item()
         if w_norm > 0 and what_norm > 0
         else float("nan"),

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -19,7 +20,7 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
 
     The model is float32 and in eval mode; GGUF weights are dequantized by transformers.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
@@ -30,11 +31,23 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
     extra = {"gguf_file": gguf_file} if gguf_file else {}
 
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
-    model = auto.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
+    try:
+        model = auto.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, SafetensorError, EOFError) as exc:
+        raise ValueError(
+            f"cannot load the model in {model_dir} ({exc}): a weights file is missing, truncated or "
+            f"corrupt; delete {model_dir} and rerun the fetch stage"
+        ) from None
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
+    # Parameters only: some models keep -inf attention-mask buffers on purpose.
+    for name, tensor in model.named_parameters():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"{model_dir}: {name} has NaN or Inf entries; the checkpoint is damaged: fix or re-fetch it"
+            )
     return model, tokenizer
 
 
@@ -55,6 +68,15 @@ def convert_gguf(model_dir, kind: str, *, trust_remote_code: bool = False) -> No
     model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+
+
+def load_tokenizer(model_dir, *, trust_remote_code: bool = False):
+    """The tokenizer of an HF directory or of a directory holding exactly one GGUF file."""
+    from transformers import AutoTokenizer
+
+    _, gguf_file = model_files(model_dir)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
 
 
 def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:

@@ -1,23 +1,81 @@
 """On-disk forms of a quantized model: the fit stage's codebooks file and the packed directory.
 
-Packed directory (format version sopq.packing.PACK_FORMAT_VERSION):
+Packed directory (format version sopq.packing.PACK_FORMAT_VERSION; the full spec is
+docs/packed-format.md):
 - `model.safetensors`: per layer `{layer}.codes` (int32 dense bitstream, sopq.packing layout),
   `{layer}.codebook` (float16, 2^bits entries), `{layer}.scales` (N x G, stored scale dtype)
-- `manifest.json`: format version, family, per-layer bits/group/scale_format/shape, and the
-  sha256 of model.safetensors, checked on every read.
+- `manifest.json`: format version, family, per-layer bits/group/scale_format/shape, the sha256
+  of model.safetensors (checked on every read) and the model source it was quantized from.
+Every read validates the manifest (MANIFEST_SCHEMA) and each tensor's dtype and shape, so any
+damaged or foreign directory raises PackedFormatError, never another exception.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import jsonschema
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sopq.formats import SCALE_BITS, num_groups
 from sopq.io import atomic_path, save_safetensors, sha256_file
-from sopq.packing import PACK_FORMAT_VERSION, pack_codes, unpack_codes
+from sopq.model import KINDS
+from sopq.packing import MAX_BITS, MIN_BITS, PACK_FORMAT_VERSION, pack_codes, packed_words, unpack_codes
 from sopq.quantize import QuantizedLayer
+
+# Storage dtype of the scales, by scale format (E8M0: biased exponent bytes).
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
+
+# Dimensions and group sizes stay within int32, as the kernel and any other reader index them.
+_POSITIVE_INT = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+MANIFEST_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "family", "sha256", "layers"],
+    "properties": {
+        "format": {"const": "sopq-packed"},
+        "format_version": {"const": PACK_FORMAT_VERSION},
+        "family": {"type": "string"},
+        "sha256": {
+            "type": "object",
+            "required": ["model.safetensors"],
+            "properties": {"model.safetensors": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        },
+        "layers": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["bits", "group", "scale_format", "shape"],
+                "properties": {
+                    "bits": {"type": "integer", "minimum": MIN_BITS, "maximum": MAX_BITS},
+                    "group": _POSITIVE_INT,
+                    "scale_format": {"enum": sorted(SCALE_BITS)},
+                    "shape": {"type": "array", "items": _POSITIVE_INT, "minItems": 2, "maxItems": 2},
+                },
+            },
+        },
+        # Optional: where the model architecture and the unquantized tensors come from.
+        "source": {
+            "type": "object",
+            "required": ["model", "kind"],
+            "properties": {
+                "model": {"type": "string"},
+                "kind": {"enum": list(KINDS)},
+                "trust_remote_code": {"type": "boolean"},
+            },
+        },
+    },
+}
+
+# JSON Schema counts 6.0 as an integer; bits, groups and shapes must be JSON integers proper.
+_ManifestValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
 
 
 class PackedFormatError(ValueError):
@@ -54,7 +112,11 @@ def load_quantized(path) -> dict[str, QuantizedLayer]:
         }
 
 
-def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str) -> None:
+def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str, source: dict | None = None) -> None:
+    """Write the packed directory. `source`: {model: the model directory, kind, trust_remote_code},
+    recorded with the model path relative to `out_dir` so the pair can move together."""
+    if source is not None:
+        source = {**source, "model": os.path.relpath(source["model"], out_dir)}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tensors = {}
@@ -69,6 +131,7 @@ def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str) -> Non
             "family": family,
             "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")},
             "layers": {name: _layer_meta(q) for name, q in layers.items()},
+            **({"source": source} if source is not None else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
@@ -76,14 +139,35 @@ def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str) -> Non
 def read_manifest(packed_dir) -> dict:
     path = Path(packed_dir) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise PackedFormatError(f"{path}: cannot read the manifest ({exc}); rerun the pack stage") from None
-    if manifest.get("format") != "sopq-packed" or manifest.get("format_version") != PACK_FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != "sopq-packed" or manifest.get("format_version") != PACK_FORMAT_VERSION:
         raise PackedFormatError(
             f"{path}: not a sopq packed directory of format version {PACK_FORMAT_VERSION}; rerun the pack stage"
         )
+    error = jsonschema.exceptions.best_match(_ManifestValidator(MANIFEST_SCHEMA).iter_errors(manifest))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise PackedFormatError(f"{path}: invalid manifest at {where}: {error.message}; rerun the pack stage")
     return manifest
+
+
+def _check_layer_tensors(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor's dtype and shape as the manifest implies, so decoding cannot fail later."""
+    n, k = meta["shape"]
+    expected = {
+        "codes": (torch.int32, (packed_words(n, k, meta["bits"]),)),
+        "codebook": (torch.float16, (2 ** meta["bits"],)),
+        "scales": (SCALE_DTYPES[meta["scale_format"]], (n, num_groups(k, meta["group"]))),
+    }
+    for part, (dtype, shape) in expected.items():
+        t = tensors[part]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise PackedFormatError(
+                f"layer {name}: {part} is {t.dtype} {tuple(t.shape)}, the manifest implies {dtype} {shape}; "
+                "rerun the pack stage"
+            )
 
 
 def read_packed_tensors(packed_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -91,27 +175,37 @@ def read_packed_tensors(packed_dir) -> tuple[dict, dict[str, dict[str, torch.Ten
     manifest = read_manifest(packed_dir)
     weights = Path(packed_dir) / "model.safetensors"
     expected = manifest["sha256"]["model.safetensors"]
-    if not weights.exists() or sha256_file(weights) != expected:
+    if not weights.is_file() or sha256_file(weights) != expected:
         raise PackedFormatError(f"{weights}: missing or sha256 mismatch with the manifest; rerun the pack stage")
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {
-            name: {part: f.get_tensor(f"{name}.{part}") for part in ("codes", "codebook", "scales")}
-            for name in manifest["layers"]
-        }
+    tensors = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = set(f.keys())
+            for name, meta in manifest["layers"].items():
+                keys = {part: f"{name}.{part}" for part in ("codes", "codebook", "scales")}
+                missing = sorted(key for key in keys.values() if key not in stored)
+                if missing:
+                    raise PackedFormatError(f"{weights}: no tensor {missing[0]} for a layer the manifest lists")
+                tensors[name] = {part: f.get_tensor(key) for part, key in keys.items()}
+                _check_layer_tensors(name, meta, tensors[name])
+    except (SafetensorError, OSError) as exc:
+        raise PackedFormatError(f"{weights}: not a readable safetensors file ({exc}); rerun the pack stage") from None
     return manifest, tensors
+
+
+def unpacked_layer(meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedLayer:
+    """One packed layer (manifest entry, {codes (packed words), codebook, scales}) with its codes unpacked."""
+    return QuantizedLayer(
+        codebook=tensors["codebook"],
+        scales=tensors["scales"],
+        codes=unpack_codes(tensors["codes"], meta["bits"], tuple(meta["shape"])),
+        bits=meta["bits"],
+        group=meta["group"],
+        scale_format=meta["scale_format"],
+    )
 
 
 def read_packed(packed_dir) -> dict[str, QuantizedLayer]:
     """Every packed layer, codes unpacked back to uint8."""
     manifest, tensors = read_packed_tensors(packed_dir)
-    return {
-        name: QuantizedLayer(
-            codebook=t["codebook"],
-            scales=t["scales"],
-            codes=unpack_codes(t["codes"], meta["bits"], tuple(meta["shape"])),
-            bits=meta["bits"],
-            group=meta["group"],
-            scale_format=meta["scale_format"],
-        )
-        for (name, t), meta in zip(tensors.items(), manifest["layers"].values())
-    }
+    return {name: unpacked_layer(manifest["layers"][name], t) for name, t in tensors.items()}

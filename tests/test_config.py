@@ -29,6 +29,17 @@ def test_default_config_is_valid(config):
         (lambda c: c.update(tie_groups=[["q_proj", "[k"]]), r"tie_groups.0: bad regular expression '\[k'"),
         (lambda c: c["families"]["llama"].pop("source_precision"), r"'source_precision' is a required property"),
         (lambda c: c.pop("calibration"), r"'calibration' is a required property"),
+        # one case per remaining kind of schema rule: bounds, non-empty, unique, names, patterns
+        (lambda c: c["importance"].update(rel_error=0), r"importance.rel_error: 0 is less than or equal to the minimum of 0"),
+        (lambda c: c["importance"].update(rel_error=2), r"importance.rel_error: 2 is greater than the maximum of 1"),
+        (lambda c: c["calibration"].update(seq_len=1), r"calibration.seq_len: 1 is less than the minimum of 2"),
+        (lambda c: c["layers"].update(include=[]), r"layers.include: \[\] should be non-empty"),
+        (lambda c: c["quantization"].update(allowed_bits=[6, 6]), r"quantization.allowed_bits: \[6, 6\] has non-unique elements"),
+        (lambda c: c.update(families={}), r"families: \{\} should be non-empty"),
+        (lambda c: c["families"].update({"my model": c["families"]["bert"]}), r"families: 'my model' does not match"),
+        (lambda c: c["text"].update(sha256="XYZ"), r"text.sha256: 'XYZ' does not match '\^\[0-9a-f\]\{64\}\$'"),
+        (lambda c: c.update(tie_groups=[["q_proj"]]), r"tie_groups.0: \['q_proj'\] is too short"),
+        (lambda c: c["quantization"].update(error_feedback="yes"), r"quantization.error_feedback: 'yes' is not of type 'boolean'"),
     ],
 )
 def test_bad_config_is_one_clear_line(config, change, message):

@@ -1,8 +1,13 @@
+import contextlib
 import json
+import signal
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from sopq.io import sha256_file
 from sopq.quantize import quantize_layer
 from sopq.store import PackedFormatError, load_quantized, read_packed, save_quantized, write_packed
 
@@ -67,3 +72,129 @@ def test_wrong_version_is_refused(tmp_path, layers):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(PackedFormatError, match="format version 1"):
         read_packed(tmp_path / "packed")
+
+
+def test_manifest_schema_violations_name_the_field(tmp_path, layers):
+    write_packed(layers, tmp_path / "packed", "fam")
+    manifest_path = tmp_path / "packed" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    for change, message in [
+        (lambda m: m["layers"]["block.0.q"].update(bits=6.0), r"layers.block.0.q.bits: 6.0 is not of type 'integer'"),
+        (lambda m: m["layers"]["block.0.q"].update(bits=3), r"layers.block.0.q.bits: 3 is less than the minimum of 4"),
+        (lambda m: m["layers"]["block.0.up"].update(scale_format="fp32"), r"layers.block.0.up.scale_format: 'fp32' is not one of"),
+        (lambda m: m["layers"]["block.0.up"].update(shape=[12]), r"layers.block.0.up.shape: \[12\] is too short"),
+        (lambda m: m["sha256"].update({"model.safetensors": "abc"}), r"sha256.model.safetensors: 'abc' does not match"),
+        (lambda m: m.pop("layers"), r"\(top level\): 'layers' is a required property"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        manifest_path.write_text(json.dumps(bad))
+        with pytest.raises(PackedFormatError, match="invalid manifest at " + message):
+            read_packed(tmp_path / "packed")
+
+
+def resign(packed_dir):
+    """Record the current model.safetensors sha256 in the manifest, as a careless tool might."""
+    manifest_path = packed_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"]["model.safetensors"] = sha256_file(packed_dir / "model.safetensors")
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_consistent_checksum_but_wrong_tensors_is_refused(tmp_path, layers):
+    write_packed(layers, tmp_path / "packed", "fam")
+    other = {"block.0.q": layers["block.0.up"], "block.0.up": layers["block.0.q"]}
+    write_packed(other, tmp_path / "other", "fam")
+    (tmp_path / "packed" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    resign(tmp_path / "packed")
+    with pytest.raises(PackedFormatError, match=r"layer block.0.q: codes is torch.int32 \(121,\), the manifest implies torch.int32 \(51,\)"):
+        read_packed(tmp_path / "packed")
+
+
+# --- property test: whatever the bytes, the reader returns layers or raises PackedFormatError ---
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+_MANIFEST_PATHS = [(), ("format_version",), ("family",), ("sha256",), ("layers",), ("layers", "block.0.q"),
+                   ("layers", "block.0.q", "bits"), ("layers", "block.0.q", "group"), ("layers", "block.0.up", "shape"),
+                   ("layers", "block.0.up", "scale_format"), ("layers", "block.0.q", "shape", 1), ("source",)]
+
+
+def _mutate_bytes(data: bytes, draw) -> bytes:
+    op = draw(st.sampled_from(["random", "flip", "truncate", "insert"]))
+    if op == "random":
+        return draw(st.binary(max_size=2 * len(data)))
+    at = draw(st.integers(0, len(data)))
+    if op == "truncate":
+        return data[:at]
+    if op == "insert":
+        return data[:at] + draw(st.binary(min_size=1, max_size=16)) + data[at:]
+    flips = draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)), min_size=1, max_size=8))
+    out = bytearray(data)
+    for i, x in flips:
+        out[i] ^= x
+    return bytes(out)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def hang(signum, frame):
+        raise TimeoutError(f"the reader took more than {seconds} s: treated as a hang")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def valid_packed(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    H = torch.eye(40, dtype=torch.float64)
+    layers = {"block.0.q": quantize_layer(torch.randn(8, 40, generator=g), H, 5, 32, "fp16"),
+              "block.0.up": quantize_layer(torch.randn(12, 40, generator=g), H, 8, 16, "e8m0")}
+    packed_dir = tmp_path_factory.mktemp("valid") / "packed"
+    write_packed(layers, packed_dir, "fam")
+    return (packed_dir / "manifest.json").read_bytes(), (packed_dir / "model.safetensors").read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_reader_never_crashes_or_hangs_on_mutated_bytes(tmp_path, valid_packed, data):
+    manifest_bytes, model_bytes = valid_packed
+    target = data.draw(st.sampled_from(["manifest bytes", "manifest json", "model", "model resigned"]))
+    if target == "manifest bytes":
+        manifest_bytes = _mutate_bytes(manifest_bytes, data.draw)
+    elif target == "manifest json":
+        manifest = json.loads(manifest_bytes)
+        *parents, last = data.draw(st.sampled_from(_MANIFEST_PATHS)) or (None,)
+        node = manifest
+        for key in parents:
+            node = node[key]
+        if last is None:
+            manifest = data.draw(_json)
+        else:
+            node[last] = data.draw(_json)
+        manifest_bytes = json.dumps(manifest).encode()
+    else:
+        model_bytes = _mutate_bytes(model_bytes, data.draw)
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir(exist_ok=True)
+    (packed_dir / "manifest.json").write_bytes(manifest_bytes)
+    (packed_dir / "model.safetensors").write_bytes(model_bytes)
+    if target == "model resigned":
+        # Past the checksum, so the safetensors parser and the tensor checks see the damage.
+        resign(packed_dir)
+    with time_limit(20):
+        try:
+            layers = read_packed(packed_dir)
+        except PackedFormatError:
+            return
+    for q in layers.values():
+        assert q.dequantize().shape == q.codes.shape

