@@ -4,8 +4,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from sopq.model import get_weight, load_model, quantizable_layers, run_model, set_weight, token_sequences
-from tiny_models import make_tiny_bert, make_tiny_llama, sample_text
+from sopq.fetch import fetch_model
+from sopq.model import convert_gguf, get_weight, load_model, quantizable_layers, run_model, set_weight, token_sequences
+from tiny_models import make_tiny_bert, make_tiny_gguf, make_tiny_llama, sample_text
 
 LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -136,3 +137,20 @@ def test_run_model_rejects_sequences_longer_than_positions(bert):
     model, _ = bert
     with pytest.raises(ValueError, match="exceed the model's 256 positions"):
         run_model(model, torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_fetched_gguf_becomes_an_hf_directory_with_the_same_model(tmp_path):
+    gguf_path = make_tiny_gguf(tmp_path / "src" / "tiny.gguf")
+    from_gguf, gguf_tokenizer = load_model(gguf_path.parent, "causal_lm")
+    out = tmp_path / "models" / "tiny"
+    fetch_model({"local": str(gguf_path)}, out,
+                convert_gguf=lambda model_dir: convert_gguf(model_dir, "causal_lm"))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "gguf" / "tiny.gguf").read_bytes() == gguf_path.read_bytes()  # kept for provenance
+    assert not list(out.glob("*.gguf"))
+    converted, tokenizer = load_model(out, "causal_lm")
+    expected = from_gguf.state_dict()
+    assert converted.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in converted.state_dict().items())
+    text = "hello world, well held"
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]

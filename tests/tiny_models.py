@@ -93,6 +93,67 @@ def make_tiny_bert(out_dir) -> Path:
     return _save_random_model(out_dir, BertConfig, BertModel)
 
 
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order (what a byte-level BPE vocab uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_in, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            stand_in[b] = chr(b)
+        else:
+            stand_in[b] = chr(256 + extra)
+            extra += 1
+    return [stand_in[b] for b in range(256)]
+
+
+def make_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny random llama GGUF (float32 tensors, byte-level BPE tokenizer) as llama.cpp lays it out."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d, ff, n_layers, heads, kv_heads = 64, 128, 2, 4, 2
+    tokens = _byte_level_alphabet() + ["he", "ll", "Ġw", "<|endoftext|>"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(d)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(d // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_merges(["h e", "l l", "Ġ w"])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+
+    def tensor(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    head_dim = d // heads
+    writer.add_tensor("token_embd.weight", tensor(len(tokens), d))
+    writer.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(n_layers):
+        for name, shape in [("attn_q", (d, d)), ("attn_k", (kv_heads * head_dim, d)), ("attn_v", (kv_heads * head_dim, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))]:
+            writer.add_tensor(f"blk.{i}.{name}.weight", tensor(*shape))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 if __name__ == "__main__":
     what, path = sys.argv[1], sys.argv[2]
     if what == "llama":
