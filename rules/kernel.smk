@@ -7,8 +7,12 @@ rule kernel:
         m=config["kernel"]["m"],
         seed=config["seed"],
     threads: workflow.cores
+    # One GPU where the executor has them (SLURM profile, or --resources gpu=N locally): the
+    # script runs the kernel there and records timings; without one it runs in the Triton
+    # interpreter and records errors only.
     resources:
         mem_mb=4000,
+        gpu=1,
     conda:
         "../envs/sopq.yaml"
     log:

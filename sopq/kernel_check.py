@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import lut_matmul, reference_lut_matmul
+from kernels.lut_matmul import launch_config
 from sopq.store import read_packed_tensors
 
 # Relative error allowed against the float64 reference with fp16 activations: fp16 rounding of
@@ -14,9 +15,10 @@ MAX_REL_ERR = 1e-2
 
 
 def _time_us(fn) -> float:
+    """Median GPU time of fn in a CUDA graph (no Python launch overhead), in us."""
     import triton.testing
 
-    return triton.testing.do_bench(fn) * 1e3
+    return triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3
 
 
 def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
@@ -28,7 +30,9 @@ def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
 
 def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
     """Per layer: max abs and relative error of the kernel against the float64 reference on a
-    random fp16 activation of m rows; on GPU, kernel and fp16 torch.matmul times in us.
+    random fp16 activation of m rows; on GPU, kernel and fp16 torch.matmul times in us (medians
+    in a CUDA graph, weights read from L2 for layers that fit in it: see kernels/BENCHMARKS.md
+    for timings without that help).
     Raises ValueError naming the layers whose error is not finite or above MAX_REL_ERR."""
     manifest, tensors = read_packed_tensors(packed_dir)
     cuda = torch.cuda.is_available()
@@ -40,7 +44,7 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
         n, k = meta["shape"]
         t = tensors[name]
         words, scales = t["codes"].to(device), t["scales"].to(device)
-        codebook = t["codebook"].to(device, torch.float32)  # the kernel's lookup table, converted once
+        codebook = t["codebook"].to(device)  # the kernel reads the lookup table as stored (fp16)
         shape = dict(bits=meta["bits"], group=meta["group"], n=n, k=k)
         x = torch.randn(m, k, generator=generator).to(device, torch.float16)
         run = lambda: lut_matmul(x, words, codebook, scales, **shape)  # noqa: E731
@@ -49,6 +53,7 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
         row = {
             "layer": name, "bits": meta["bits"], "n": n, "k": k, "m": m,
             "max_abs_err": (y - y_ref).abs().max().item(), "rel_err": relative_error(y, y_ref),
+            "kernel": launch_config(m, n, k, meta["bits"], interpreted=not cuda).kernel,
             "device": device_name, "kernel_us": float("nan"), "torch_us": float("nan"),
         }
         if cuda:

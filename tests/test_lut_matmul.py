@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from kernels import lut_matmul, reference_lut_matmul
+from kernels.lut_matmul import LaunchConfig, tile_k
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import pack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
-# (M, N, K): none a multiple of every block size (interpreter blocks are 16+ x 512 x 128,
-# GPU blocks 16+ x 64 x 64), with N > 512 and K > 128 to cross block boundaries.
-SHAPES = [(1, 37, 100), (5, 70, 129), (17, 530, 257), (33, 130, 64), (8, 3, 300), (2, 96, 40)]
+# (M, N, K): none a multiple of every block size (interpreter blocks are M x 256 x tile_k(bits),
+# tile_k 128..512; GPU blocks 32..128 x tile_k), with N > 256 and K > 256 to cross block and
+# plane-chunk boundaries. M <= 4 takes the gemv kernel, larger M the mma kernel.
+SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
 
 
@@ -50,6 +52,51 @@ def test_matches_reference(bits, scale_format, dtype, shape, group):
     assert torch.isfinite(y).all()
     y_ref = reference_lut_matmul(x, words, codebook, scales, **args)
     assert relative_error(y, y_ref) < 1e-2
+
+
+# Explicit launch configurations: both kernels, small blocks (many programs), split-K (atomics).
+CONFIG_CASES = [
+    (LaunchConfig("gemv", 4, 16, 0, split_k=1), (3, 50, 700)),
+    (LaunchConfig("gemv", 8, 32, 0, split_k=3), (5, 40, 1100)),
+    (LaunchConfig("mma", 16, 16, 0, split_k=1), (20, 45, 600)),
+    (LaunchConfig("mma", 32, 32, 0, split_k=2), (2, 70, 1100)),
+]
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("config, shape", CONFIG_CASES)
+def test_explicit_configs_match_reference(bits, config, shape):
+    m, n, k = shape
+    config = LaunchConfig(config.kernel, config.block_m, config.block_n, tile_k(bits), config.split_k)
+    _, words, codebook, scales = make_layer(n, k, bits, 64, "e8m0", seed=bits + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    args = dict(bits=bits, group=64, n=n, k=k)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
+
+
+@pytest.mark.parametrize("group", [40, 24])
+def test_groups_that_are_not_a_multiple_of_16(group):
+    # Scales looked up per weight (a sub-tile of 16 codes spans two groups).
+    n, k, m, bits = 30, 300, 2, 6
+    _, words, codebook, scales = make_layer(n, k, bits, group, "fp16", seed=group)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
+    args = dict(bits=bits, group=group, n=n, k=k)
+    y = lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), **args)
+    assert relative_error(y, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-4
+
+
+def test_fp16_codebook_as_stored():
+    # Packed layers store the codebook in fp16; the kernel reads it as it is.
+    n, k, m, bits, group = 33, 200, 4, 6, 32
+    _, words, codebook, scales = make_layer(n, k, bits, group, "bf16", seed=11)
+    codebook = codebook.half()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).half()
+    args = dict(bits=bits, group=group, n=n, k=k)
+    y = lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), **args)
+    assert relative_error(y, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
 
 
 def test_reference_matches_dense_product():
@@ -112,5 +159,7 @@ def test_rejects_bad_input():
         lut_matmul(x, words, codebook, scales.float(), **args)
     with pytest.raises(ValueError, match="shape"):
         lut_matmul(x[:, :-1], words, codebook, scales, **args)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 256"):
+        lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 2, 16, 128), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)

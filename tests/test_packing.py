@@ -9,14 +9,27 @@ from sopq import packing
 from sopq.packing import dequantize, pack_codes, packed_words, unpack_codes
 
 
+# The layout spelled out independently of sopq.packing (docs/packed-format.md, "Code layout").
+PLANES = {4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+SUB = 16
+
+
 def pack_bit_by_bit(codes: list[list[int]], bits: int) -> list[int]:
-    """Independent oracle: the stream as one Python integer, split into int32 words."""
-    flat = [c for row in codes for c in row]
-    stream = 0
-    for i, code in enumerate(flat):
-        stream |= code << (i * bits)
-    n_words = math.ceil(len(flat) * bits / 32) + 1
-    words = [(stream >> (32 * j)) & 0xFFFFFFFF for j in range(n_words)]
+    """Independent oracle: every code's plane fields placed one by one into Python-int words."""
+    k = len(codes[0])
+    words, offset = [], 0
+    for width in PLANES[bits]:
+        chunk = SUB * (32 // width)
+        row_words = math.ceil(k / chunk) * SUB
+        for row in codes:
+            plane_row = [0] * row_words
+            for index, code in enumerate(row):
+                field = (code >> offset) & (2**width - 1)
+                within = index % chunk
+                word = (index // chunk) * SUB + within % SUB
+                plane_row[word] |= field << ((within // SUB) * width)
+            words += plane_row
+        offset += width
     return [w - 2**32 if w >= 2**31 else w for w in words]
 
 
@@ -42,33 +55,42 @@ def test_pack_matches_oracle_and_round_trips(case):
 
 @pytest.mark.parametrize("bits", range(4, 9))
 def test_round_trip_across_chunks(bits, monkeypatch):
-    # Tiny chunks so the chunk boundaries of pack and unpack are exercised on a small matrix.
-    monkeypatch.setattr(packing, "BLOCKS_PER_CHUNK", 3)
+    # Tiny work chunks so the chunk boundaries of pack and unpack are exercised on a small matrix.
+    monkeypatch.setattr(packing, "CODES_PER_CHUNK", 200)
     gen = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2**bits, (7, 97), generator=gen, dtype=torch.int64)
+    codes = torch.randint(0, 2**bits, (7, 597), generator=gen, dtype=torch.int64)
     words = pack_codes(codes, bits)
     assert words.tolist() == pack_bit_by_bit(codes.tolist(), bits)
-    assert torch.equal(unpack_codes(words, bits, (7, 97)), codes.to(torch.uint8))
+    assert torch.equal(unpack_codes(words, bits, (7, 597)), codes.to(torch.uint8))
 
 
 def test_known_words_4_bits():
-    assert pack_codes(torch.tensor([[1, 2, 3]]), 4).tolist() == [0x321, 0]
-    # No per-row padding: row 1 continues right after row 0 in the same word.
-    assert pack_codes(torch.tensor([[1, 2, 3], [4, 5, 6]]), 4).tolist() == [0x654321, 0]
+    # Codes 0..15 of a row sit in field 0 of words 0..15, codes 16..31 in field 1, ...
+    codes = torch.zeros(1, 128, dtype=torch.int64)
+    codes[0, 0], codes[0, 16], codes[0, 17], codes[0, 127] = 1, 2, 3, 0xF
+    words = pack_codes(codes, 4).tolist()
+    assert len(words) == 16
+    assert words[0] == 0x21 and words[1] == 0x30 and words[15] == 0xF0000000 - 2**32
+    assert all(w == 0 for w in words[2:15])
 
 
-def test_known_words_6_bits_straddling():
-    # Code 5 (value 63 = 0b111111) sits at bits 30..35: its low two bits end word 0,
-    # its high four bits (0b1111) start word 1.
-    words = pack_codes(torch.tensor([[1, 2, 3, 4, 5, 63]]), 6)
-    word0 = 0x1 | (2 << 6) | (3 << 12) | (4 << 18) | (5 << 24) | (0b11 << 30)
-    assert word0 == 0xC5103081
-    assert words.tolist() == [0xC5103081 - 2**32, 0xF, 0]
+def test_known_words_6_bits_planes():
+    # 6 = 4 + 2: the low nibble goes to the 4-bit plane (16 words per row for K <= 128), the
+    # top two bits to the 2-bit plane (16 words per row for K <= 256), in field 0 for k < 16.
+    codes = torch.tensor([[0b110101, 0b001111]])
+    words = pack_codes(codes, 6).tolist()
+    assert len(words) == 32
+    assert words[0] == 0b0101 and words[1] == 0b1111
+    assert words[16] == 0b11 and words[17] == 0b00
 
 
 def test_known_words_8_bits():
-    words = pack_codes(torch.tensor([[0x12, 0x34, 0x56, 0x78, 0x9A]]), 8)
-    assert words.tolist() == [0x78563412, 0x9A, 0]
+    # One 8-bit plane: 4 fields per word, codes k and k + 16 share word k.
+    codes = torch.zeros(1, 20, dtype=torch.int64)
+    codes[0, 0], codes[0, 16], codes[0, 19] = 0x12, 0x34, 0x9A
+    words = pack_codes(codes, 8).tolist()
+    assert len(words) == 16
+    assert words[0] == 0x3412 and words[3] == 0x9A00
 
 
 @pytest.mark.parametrize("bits", range(4, 9))
@@ -76,8 +98,14 @@ def test_known_words_8_bits():
 def test_word_count(bits, shape):
     n, k = shape
     words = pack_codes(torch.zeros(shape, dtype=torch.uint8), bits)
-    assert words.numel() == packed_words(n, k, bits) == math.ceil(n * k * bits / 32) + 1
-    assert words[-1].item() == 0
+    assert words.numel() == packed_words(n, k, bits)
+    # Exactly b bits per weight plus padding of each plane row to whole chunks.
+    assert packed_words(n, k, bits) == sum(n * math.ceil(k / (16 * 32 // w)) * 16 for w in PLANES[bits])
+
+
+def test_exact_bits_per_weight_on_aligned_rows():
+    for bits in range(4, 9):
+        assert packed_words(8, 4096, bits) * 32 == 8 * 4096 * bits
 
 
 def test_pack_rejects_bad_input():
@@ -96,8 +124,8 @@ def test_pack_rejects_bad_input():
 
 def test_unpack_rejects_wrong_word_count():
     words = pack_codes(torch.ones(4, 10, dtype=torch.uint8), 5)
-    with pytest.raises(ValueError, match="expected 10"):
-        unpack_codes(words, 5, (4, 13))
+    with pytest.raises(ValueError, match="expected 256"):
+        unpack_codes(words, 5, (8, 13))
     with pytest.raises(ValueError, match="expected"):
         unpack_codes(words[:-1], 5, (4, 10))
 

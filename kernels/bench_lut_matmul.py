@@ -1,0 +1,147 @@
+"""Benchmark lut_matmul (6-bit codes, group 128, fp16 scales, fp16 activations) against torch.
+
+For each (N, K) and M: fp16 torch.matmul (cuBLAS), torch._scaled_mm in FP8 E4M3 where the
+shape allows, and lut_matmul with its automatic configuration (and, with --sweep, the best of a
+small grid of launch configurations, to tune launch_config). Times are medians of
+triton.testing.do_bench_cudagraph over a CUDA graph that calls each method once on each of
+enough copies of its weights (>= ROTATE_BYTES) that L2 holds none of them between calls, divided
+by the number of copies: no Python launch overhead in any method's time. Before timing, every lut_matmul configuration is checked against an fp32
+product with W_hat dequantized on the CPU (outputs poisoned with NaN first).
+
+    python kernels/bench_lut_matmul.py [--sweep] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+import triton.testing
+
+from kernels.lut_matmul import LaunchConfig, launch_config, lut_matmul, tile_k
+from sopq.formats import num_groups
+from sopq.packing import dequantize, packed_words, unpack_codes
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
+MS = [1, 4, 16, 64, 128, 512, 2048]
+BITS, GROUP = 6, 128
+ROTATE_BYTES = 256 << 20
+TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shapes (issue 5)
+
+GEMV_SWEEP = [(16, 4), (32, 4), (64, 4), (32, 8)]  # (block_n, num_warps)
+MMA_SWEEP = [(64, 4, 3), (128, 8, 3), (128, 4, 2)]  # (block_n, num_warps, num_stages)
+
+
+def bench_us(fn, graph: bool = False) -> float:
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def graph_us(fn, buffers) -> float:
+    """Median time per call inside a CUDA graph that calls fn once on every rotating buffer:
+    no Python launch overhead, and each call reads weights L2 does not hold."""
+    return bench_us(lambda: [fn(b) for b in buffers], graph=True) / len(buffers)
+
+
+def rotating(make, nbytes: int) -> list:
+    return [make() for _ in range(max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))]
+
+
+def sweep_configs(m: int, n: int, k: int) -> list[LaunchConfig]:
+    configs = []
+    block_k = tile_k(BITS)
+    if m <= 16:
+        for bn, warps in GEMV_SWEEP:
+            for split in (1, 4):
+                configs.append(LaunchConfig("gemv", triton.next_power_of_2(m), bn, block_k, split, warps, 3))
+    if m >= 4:
+        block_m = min(max(16, triton.next_power_of_2(m)), 128)
+        for bn, warps, stages in MMA_SWEEP:
+            for split in (1, 2):
+                configs.append(LaunchConfig("mma", block_m, bn, block_k, split, warps, stages))
+    return list(dict.fromkeys(configs))
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", type=int, default=len(SHAPES))
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--check-shapes", type=int, default=len(SHAPES), help="check correctness on the first few shapes")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    print(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{time.strftime('%Y-%m-%d', time.gmtime())}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+    rows = []
+    for shape_index, (n, k) in enumerate(SHAPES[: args.shapes]):
+        check = shape_index < args.check_shapes
+        nw = packed_words(n, k, BITS)
+        codebook = torch.randn(2**BITS, device="cuda", generator=gen).half()  # stored codebooks are fp16
+        lut_bytes = nw * 4 + n * num_groups(k, GROUP) * 2
+
+        def make_lut():
+            words = torch.randint(-2**31, 2**31 - 1, (nw,), dtype=torch.int32, device="cuda", generator=gen)
+            scales = (torch.rand(n, num_groups(k, GROUP), device="cuda", generator=gen) * 0.02 + 0.005).half()
+            return words, scales
+
+        luts = rotating(make_lut, lut_bytes)
+        fp16 = rotating(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen), n * k * 2)
+        fp8 = rotating(lambda: torch.randn(n, k, device="cuda", generator=gen).to(torch.float8_e4m3fn), n * k)
+        words0, scales0 = luts[0]
+        if check:
+            w_hat = dequantize(unpack_codes(words0.cpu(), BITS, (n, k)), codebook.cpu(), scales0.cpu().float(), GROUP).cuda()
+        one = torch.ones((), device="cuda")
+        for m in map(int, args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            t_fp16 = graph_us(lambda w: x @ w.T, fp16)
+            x8 = x.to(torch.float8_e4m3fn)
+            try:
+                t_fp8 = graph_us(lambda w: torch._scaled_mm(x8, w.T, scale_a=one, scale_b=one, out_dtype=torch.float16), fp8)
+            except RuntimeError:
+                t_fp8 = float("nan")  # _scaled_mm rejects this shape (e.g. M not a multiple of 16)
+            auto = launch_config(m, n, k, BITS, interpreted=False)
+            candidates = [auto] + (sweep_configs(m, n, k) if args.sweep else [])
+            results, err = {}, float("nan")
+            for config in dict.fromkeys(candidates):
+                if check:
+                    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+                    lut_matmul(x, words0, codebook, scales0, bits=BITS, group=GROUP, n=n, k=k, out=out, config=config)
+                    ref = x.float() @ w_hat.T
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        raise SystemExit(f"WRONG: {config} on {(m, n, k)} rel err {err}")
+                results[config] = graph_us(
+                    lambda b: lut_matmul(x, b[0], codebook, b[1], bits=BITS, group=GROUP, n=n, k=k, config=config), luts)
+            best = min(results, key=results.get)
+            row = dict(n=n, k=k, m=m, fp16_us=t_fp16, fp8_us=t_fp8, lut_us=results[auto], err=err,
+                       best_us=results[best], best=str(best), auto=str(auto),
+                       lut_tb_s=lut_bytes / (results[auto] * 1e-6) / 1e12)
+            rows.append(row)
+            print(f"{'ok' if check else 'unchecked'} N={n:6d} K={k:6d} M={m:5d}  fp16 {t_fp16:8.1f}us  fp8 {t_fp8:8.1f}us  lut {results[auto]:8.1f}us "
+                  f"x{t_fp16 / results[auto]:5.2f}  ({row['lut_tb_s']:.2f} TB/s weights)"
+                  + (f"  best x{t_fp16 / results[best]:5.2f} {best}" if args.sweep else ""), flush=True)
+        del luts, fp16, fp8
+        w_hat = None
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                           copy_bw=copy_bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
