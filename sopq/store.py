@@ -2,7 +2,7 @@
 
 Packed directory (format version sopq.packing.PACK_FORMAT_VERSION; the full spec is
 docs/packed-format.md):
-- `model.safetensors`: per layer `{layer}.codes` (int32 dense bitstream, sopq.packing layout),
+- `model.safetensors`: per layer `{layer}.codes` (int32 bit-plane words, sopq.packing layout),
   `{layer}.codebook` (float16, 2^bits entries), `{layer}.scales` (N x G, stored scale dtype)
 - `manifest.json`: format version, family, per-layer bits/group/scale_format/shape, the sha256
   of model.safetensors (checked on every read) and the model source it was quantized from.

@@ -38,7 +38,7 @@ def test_codebooks_file_roundtrip(tmp_path, layers):
 def test_packed_roundtrip_and_manifest(tmp_path, layers):
     write_packed(layers, tmp_path / "packed", "fam")
     manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["family"] == "fam"
+    assert manifest["format_version"] == 2 and manifest["family"] == "fam"
     assert manifest["layers"]["block.0.up"] == {"bits": 8, "group": 16, "scale_format": "e8m0", "shape": [12, 40]}
     assert_same(layers, read_packed(tmp_path / "packed"))
     # No temporary folder left next to the output.
@@ -70,7 +70,7 @@ def test_wrong_version_is_refused(tmp_path, layers):
     manifest = json.loads(manifest_path.read_text())
     manifest["format_version"] = 99
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(PackedFormatError, match="format version 1"):
+    with pytest.raises(PackedFormatError, match="format version 2"):
         read_packed(tmp_path / "packed")
 
 
