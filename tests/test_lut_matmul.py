@@ -67,7 +67,8 @@ CONFIG_CASES = [
 @pytest.mark.parametrize("config, shape", CONFIG_CASES)
 def test_explicit_configs_match_reference(bits, config, shape):
     m, n, k = shape
-    config = LaunchConfig(config.kernel, config.block_m, config.block_n, tile_k(bits), config.split_k)
+    # One pipeline stage: at 5 bits (block_k 512) more can exceed a GPU's shared memory.
+    config = LaunchConfig(config.kernel, config.block_m, config.block_n, tile_k(bits), config.split_k, num_stages=1)
     _, words, codebook, scales = make_layer(n, k, bits, 64, "e8m0", seed=bits + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
