@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sopq.io import sha256_file
+from sopq.packing import packed_words
 from sopq.quantize import quantize_layer
 from sopq.store import PackedFormatError, load_quantized, read_packed, save_quantized, write_packed
 
@@ -107,7 +108,10 @@ def test_consistent_checksum_but_wrong_tensors_is_refused(tmp_path, layers):
     write_packed(other, tmp_path / "other", "fam")
     (tmp_path / "packed" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     resign(tmp_path / "packed")
-    with pytest.raises(PackedFormatError, match=r"layer block.0.q: codes is torch.int32 \(121,\), the manifest implies torch.int32 \(51,\)"):
+    found = packed_words(*layers["block.0.up"].codes.shape, layers["block.0.up"].bits)
+    implied = packed_words(*layers["block.0.q"].codes.shape, layers["block.0.q"].bits)
+    assert found != implied
+    with pytest.raises(PackedFormatError, match=rf"layer block.0.q: codes is torch.int32 \({found},\), the manifest implies torch.int32 \({implied},\)"):
         read_packed(tmp_path / "packed")
 
 
