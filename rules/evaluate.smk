@@ -5,12 +5,17 @@ rule evaluate:
         packed="results/{family}/packed",
         stats="results/{family}/calib/stats.parquet",
         grams="results/{family}/calib/grams.safetensors",
+        fits="results/{family}/fits.safetensors",
+        sensitivity="results/{family}/sensitivity.parquet",
+        sweep_plans="results/{family}/sweep_plans.parquet",
     output:
         summary=report("results/{family}/eval.parquet", caption="../workflow/report/eval.rst", category="{family}"),
         layers="results/{family}/eval_layers.parquet",
     params:
         **MODEL_PARAMS,
-        quantization={key: config["quantization"][key] for key in ("group", "scale_format", "error_feedback")},
+        quantization=config["quantization"],
+        evaluate_budgets=config["sweep"]["evaluate"],
+        comparisons=config["comparisons"],
         evaluation=config["evaluation"],
     threads: workflow.cores
     resources:

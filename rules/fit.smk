@@ -1,17 +1,11 @@
+# The planned form of every layer, taken from the fits the sensitivity stage already made (the
+# fit is deterministic, so this equals fitting again, without the cost).
 rule fit:
     input:
-        model="resources/models/{family}",
         plan="results/{family}/plan.parquet",
-        stats="results/{family}/calib/stats.parquet",
-        grams="results/{family}/calib/grams.safetensors",
+        fits="results/{family}/fits.safetensors",
     output:
         "results/{family}/codebooks.safetensors",
-    params:
-        **MODEL_PARAMS,
-        error_feedback=config["quantization"]["error_feedback"],
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
     conda:
         "../envs/sopq.yaml"
     log:

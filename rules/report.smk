@@ -3,7 +3,7 @@ def per_family(pattern):
 
 
 # Every per-stage benchmark file, so the report's provenance shows the run times.
-FAMILY_STAGES = ["fetch_model", "calibrate", "importance", "sensitivity", "promote", "fit", "pack", "kernel", "evaluate"]
+FAMILY_STAGES = ["fetch_model", "calibrate", "importance", "sensitivity", "promote", "sweep", "fit", "pack", "kernel", "evaluate"]
 
 
 rule report:
@@ -13,6 +13,7 @@ rule report:
         plan=per_family("results/{family}/plan.parquet"),
         sensitivity=per_family("results/{family}/sensitivity.parquet"),
         kernel=per_family("results/{family}/kernel.parquet"),
+        pareto=per_family("results/{family}/pareto.parquet"),
         benchmarks=expand("benchmarks/{family}/{stage}.tsv", family=FAMILIES, stage=FAMILY_STAGES)
         + ["benchmarks/fetch_text.tsv"],
     output:

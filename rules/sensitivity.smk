@@ -34,13 +34,11 @@ rule sensitivity:
         grams="results/{family}/calib/grams.safetensors",
         importance="results/{family}/importance.parquet",
     output:
-        "results/{family}/sensitivity.parquet",
+        table="results/{family}/sensitivity.parquet",
+        fits="results/{family}/fits.safetensors",
     params:
         **MODEL_PARAMS,
-        allowed_bits=config["quantization"]["allowed_bits"],
-        group=config["quantization"]["group"],
-        scale_format=config["quantization"]["scale_format"],
-        error_feedback=config["quantization"]["error_feedback"],
+        quantization=config["quantization"],
     threads: workflow.cores
     resources:
         mem_mb=8000,

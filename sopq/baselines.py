@@ -7,11 +7,13 @@ formats share one E8M0 scale per block of 32 inputs (OCP MX).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sopq.formats import FP8_E4M3_MAX, round_fp8_e4m3
+from sopq.quantize import gptq_round
 
 CHANNEL_SCALE_BITS = 32
 E8M0_BITS = 8
@@ -58,39 +60,75 @@ def fp8_per_tensor(W: torch.Tensor) -> tuple[torch.Tensor, float]:
     return W_hat, 8 + E8M0_BITS / (n * k)
 
 
-def fp8_per_channel(W: torch.Tensor) -> tuple[torch.Tensor, float]:
+@dataclass(frozen=True)
+class ScaledGrid:
+    """A fixed-format layer: every weight is scale * round(weight / scale), with `scale` one value
+    per weight (N, K) fixed from the weights, and `round` the format's round to nearest."""
+
+    scale: torch.Tensor
+    round: Callable[[torch.Tensor], torch.Tensor]
+    bpw: float
+
+    def round_to_nearest(self, W: torch.Tensor) -> torch.Tensor:
+        return self.round(W.double() / self.scale) * self.scale
+
+    def error_feedback(self, W: torch.Tensor, hinv_chol: torch.Tensor) -> torch.Tensor:
+        """The same grid and scales with GPTQ-style error feedback (sopq.quantize.gptq_round)."""
+        scale = self.scale.float()
+        return gptq_round(W, hinv_chol, lambda i, col: self.round(col / scale[:, i]).float() * scale[:, i])
+
+
+def fp8_channel_grid(W: torch.Tensor) -> ScaledGrid:
     """FP8 E4M3 with one fp32 scale per output channel (absmax / 448)."""
     n, k = W.shape
-    scale = (W.abs().amax(1, keepdim=True).float() / FP8_E4M3_MAX).clamp(min=1e-30)
-    W_hat = round_fp8_e4m3(W.float() / scale).double() * scale.double()
-    return W_hat, 8 + CHANNEL_SCALE_BITS / k
+    scale = (W.abs().amax(1, keepdim=True).float() / FP8_E4M3_MAX).clamp(min=1e-30).double()
+    return ScaledGrid(scale.expand(n, k), round_fp8_e4m3, 8 + CHANNEL_SCALE_BITS / k)
 
 
-def minifloat_per_channel(W: torch.Tensor, fmt: Minifloat) -> tuple[torch.Tensor, float]:
+def minifloat_channel_grid(W: torch.Tensor, fmt: Minifloat) -> ScaledGrid:
     """One fp32 scale per output channel mapping the row's absmax to the format's largest value."""
     n, k = W.shape
     scale = (W.abs().amax(1, keepdim=True).float() / fmt.max_value).clamp(min=1e-30).double()
-    return fmt.round(W.double() / scale) * scale, 1 + fmt.exp_bits + fmt.man_bits + CHANNEL_SCALE_BITS / k
+    return ScaledGrid(scale.expand(n, k), fmt.round, 1 + fmt.exp_bits + fmt.man_bits + CHANNEL_SCALE_BITS / k)
 
 
-def minifloat_mx(W: torch.Tensor, fmt: Minifloat) -> tuple[torch.Tensor, float]:
+def minifloat_mx_grid(W: torch.Tensor, fmt: Minifloat) -> ScaledGrid:
     """OCP MX: blocks of 32 inputs share the E8M0 scale 2^(floor(log2 absmax) - emax); elements
     round to nearest and saturate. A partial last block pays for a whole scale."""
     n, k = W.shape
     blocks = math.ceil(k / MX_BLOCK)
     padded = torch.nn.functional.pad(W.double(), (0, blocks * MX_BLOCK - k)).reshape(n, blocks, MX_BLOCK)
-    absmax = padded.abs().amax(-1, keepdim=True).clamp(min=2.0**-127)
-    scale = torch.exp2(torch.floor(torch.log2(absmax)) - fmt.emax)
-    W_hat = (fmt.round(padded / scale) * scale).reshape(n, -1)[:, :k]
-    return W_hat, 1 + fmt.exp_bits + fmt.man_bits + E8M0_BITS * n * blocks / (n * k)
+    absmax = padded.abs().amax(-1).clamp(min=2.0**-127)
+    scale = torch.exp2(torch.floor(torch.log2(absmax)) - fmt.emax).repeat_interleave(MX_BLOCK, dim=1)[:, :k]
+    return ScaledGrid(scale, fmt.round, 1 + fmt.exp_bits + fmt.man_bits + E8M0_BITS * n * blocks / (n * k))
 
 
-def int_per_channel(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
+def int_channel_grid(W: torch.Tensor, bits: int) -> ScaledGrid:
     """Symmetric integer, one fp32 scale per output channel: absmax maps to 2^(bits-1) - 1."""
     n, k = W.shape
     qmax = 2 ** (bits - 1) - 1
     scale = (W.abs().amax(1, keepdim=True).double() / qmax).clamp(min=1e-30)
-    return torch.round(W.double() / scale).clamp(-qmax, qmax) * scale, bits + CHANNEL_SCALE_BITS / k
+    return ScaledGrid(scale.expand(n, k), lambda u: torch.round(u.double()).clamp(-qmax, qmax), bits + CHANNEL_SCALE_BITS / k)
+
+
+def fp8_per_channel(W: torch.Tensor) -> tuple[torch.Tensor, float]:
+    grid = fp8_channel_grid(W)
+    return grid.round_to_nearest(W), grid.bpw
+
+
+def minifloat_per_channel(W: torch.Tensor, fmt: Minifloat) -> tuple[torch.Tensor, float]:
+    grid = minifloat_channel_grid(W, fmt)
+    return grid.round_to_nearest(W), grid.bpw
+
+
+def minifloat_mx(W: torch.Tensor, fmt: Minifloat) -> tuple[torch.Tensor, float]:
+    grid = minifloat_mx_grid(W, fmt)
+    return grid.round_to_nearest(W), grid.bpw
+
+
+def int_per_channel(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
+    grid = int_channel_grid(W, bits)
+    return grid.round_to_nearest(W), grid.bpw
 
 
 BASELINES = {
@@ -102,4 +140,12 @@ BASELINES = {
     "fp6_e3m2_channel": lambda W: minifloat_per_channel(W, FP6_E3M2),
     "int8_channel": lambda W: int_per_channel(W, 8),
     "int6_channel": lambda W: int_per_channel(W, 6),
+}
+
+# Fixed formats also run through the same error feedback as SOP (variant name -> grid), so the
+# report separates what the per-layer codebook buys from what error feedback buys.
+EF_BASELINES = {
+    "fp8_channel_ef": fp8_channel_grid,
+    "fp6_e2m3_mx_ef": lambda W: minifloat_mx_grid(W, FP6_E2M3),
+    "int6_channel_ef": lambda W: int_channel_grid(W, 6),
 }

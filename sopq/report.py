@@ -32,7 +32,7 @@ from matplotlib.patches import Patch
 
 from sopq.config import config_hash
 from sopq.formats import average_bpw
-from sopq.variants import UNIFORM_BITS
+from sopq.variants import UNIFORM_BITS, alpha_validation, quality_table
 from sopq.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class Family:
     eval_layers: pd.DataFrame
     layers: list[str]  # model order
     budget_bpw: float
+    pareto: pd.DataFrame | None = None  # the budget sweep (sopq.promote.budget_sweep), when given
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -195,6 +196,7 @@ def _load_family(name: str, spec: dict) -> Family:
         eval_layers=eval_layers,
         layers=list(dict.fromkeys([*plan["layer"], *eval_layers["layer"]])),
         budget_bpw=float(budgets[0]),
+        pareto=pd.read_parquet(spec["pareto"]) if spec.get("pareto") else None,
     )
 
 
@@ -631,6 +633,34 @@ def _sensitivity_part(family: Family) -> str:
     return "<p>What each option costs, from the real fits at every allowed bit width:</p>" + _table(head, rows)
 
 
+def _quality_table_part(family: Family) -> str:
+    """Every variant with its bpw, E_out spread, ratio to FP8 per channel and end-to-end damage
+    (sopq.variants.quality_table), and the check of alpha against the budget sweep."""
+    table = quality_table(family.eval.reset_index(), family.eval_layers, family.kind)
+    damage = table.columns[-1]
+    head = [[_th(h) for h in ("variant", "error feedback", "all-in bpw", "median E_out", "p95 E_out", "worst E_out",
+                                "median E_out / FP8 channel", "layers beating FP8 channel", damage)]]
+    rows = [
+        [_cell(f"<code>{html.escape(r['variant'])}</code>"), _cell("yes" if r["error_feedback"] else "no"),
+         _num(r["bpw"], "{:.3f}"), _num(r["e_out_median"]), _num(r["e_out_p95"]), _num(r["e_out_max"]),
+         _num(r["ratio_to_fp8_median"], "{:.2f}"), _num(r["layers_beating_fp8"], "{:.0%}"), _num(r[damage])]
+        for r in table.to_dict("records")
+    ]
+    out = _table(head, rows)
+    if family.pareto is not None:
+        check = alpha_validation(family.eval.reset_index(), family.pareto, family.kind)
+        if len(check) >= 3:
+            r = np.corrcoef(check["predicted"], check[damage])[0, 1]
+            rho = check["predicted"].rank().corr(check[damage].rank())
+            out += (f"<p>Layer importance check: over {len(check)} budgets of the sweep, the predicted "
+                    f"sum<sub>l</sub> alpha<sub>l</sub> E_out(l) and the measured {html.escape(damage)} correlate "
+                    f"with Pearson r = {r:.3f}, Spearman rho = {rho:.3f}.</p>")
+            out += _table([[_th(h) for h in ("budget", "bpw", "predicted", damage)]],
+                          [[_num(c["budget_bpw"], "{:g}"), _num(c["bpw"], "{:.3f}"), _num(c["predicted"]), _num(c[damage])]
+                           for c in check.to_dict("records")])
+    return out
+
+
 def _kernel_part(family: Family) -> str:
     kernel = family.kernel
     if kernel.empty:
@@ -768,6 +798,8 @@ SOP budget {family.budget_bpw:g} bpw.</p>
 {win_table}
 <h3>Quality against bits per weight</h3>
 {quality_html}
+<h3>Every variant</h3>
+{_quality_table_part(family)}
 <h3>Bits chosen per layer</h3>
 {_plan_part(family)}
 {_figure(_plot_bits(family), "Bits chosen by the budgeted plan (bars) and layer importance alpha (dots).")}

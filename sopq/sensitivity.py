@@ -1,20 +1,26 @@
-"""Per-layer scoring: fit every layer at every allowed width and measure its errors."""
+"""Per-layer scoring: fit every layer at every allowed width and search option, measure its errors,
+and keep the fits for the stages after promotion."""
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from sopq.calibrate import load_gram
 from sopq.formats import sop_bpw
 from sopq.metrics import layer_errors
-from sopq.quantize import QuantizedLayer, quantize_layer
+from sopq.io import save_safetensors
+from sopq.packing import pack_codes, unpack_codes
+from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
 
 
 def resolve_group(group: int | str, k: int) -> int:
@@ -69,41 +75,123 @@ def _map_layers(fn, tasks, workers: int, desc: str, total: int):
                 bar.update()
 
 
+@dataclass(frozen=True)
+class FitOption:
+    """One point of the search space besides the width: group size ("row" or inputs per scale),
+    scale storage format and codebook mode."""
+
+    group: int | str
+    scale_format: str
+    mode: str = "free"
+
+
+def search_options(quantization: dict) -> list[FitOption]:
+    """The options sensitivity scores and promotion chooses from: quantization.search
+    (groups x scale_formats x modes) when given, else the single configured group/format/mode."""
+    search = quantization.get("search") or {}
+    groups = search.get("groups", [quantization["group"]])
+    formats = search.get("scale_formats", [quantization["scale_format"]])
+    modes = search.get("modes", [quantization.get("mode", "free")])
+    return [FitOption(g, f, m) for g in groups for f in formats for m in modes]
+
+
+def option_key(bits: int, group: int, scale_format: str, mode: str) -> str:
+    """Name of one fitted form of a layer in the fits file, e.g. "b6.g32.fp16.free"."""
+    return f"b{bits}.g{group}.{scale_format}.{mode}"
+
+
+def _fit_one(W, H, bits, group, scale_format, mode, error_feedback, max_alternations):
+    return quantize_layer(W, H, bits, group, scale_format, error_feedback, mode, max_alternations=max_alternations)
+
+
 def fit_layers(
     weights: dict[str, torch.Tensor],
     gram: GramLookup,
-    formats: dict[str, tuple[int, int, str]],
+    formats: dict[str, tuple[int, int, str, str]],
     error_feedback: bool,
     desc: str = "fit",
     workers: int = 1,
+    max_alternations: int = MAX_ALTERNATIONS,
 ) -> dict[str, QuantizedLayer]:
-    """Quantize each layer named in `formats` (layer -> (bits, group, scale_format))."""
-    tasks = ((weights[name], gram[name], bits, group, fmt, error_feedback) for name, (bits, group, fmt) in formats.items())
-    return dict(zip(formats, _map_layers(quantize_layer, tasks, workers, desc, len(formats))))
+    """Quantize each layer named in `formats` (layer -> (bits, group, scale_format, mode))."""
+    tasks = (
+        (weights[name], gram[name], bits, group, fmt, mode, error_feedback, max_alternations)
+        for name, (bits, group, fmt, mode) in formats.items()
+    )
+    return dict(zip(formats, _map_layers(_fit_one, tasks, workers, desc, len(formats))))
 
 
-def _score_layer(name, W, H, allowed_bits, group, scale_format, error_feedback) -> list[dict]:
+def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternations):
+    """Every (bits, option) fit of one layer: (rows of the sensitivity table, {option key: fit}).
+    The GPTQ factor of H is computed once and shared by all of them."""
     n, k = W.shape
-    g = resolve_group(group, k)
-    rows = []
-    for bits in sorted(allowed_bits):
-        q = quantize_layer(W, H, bits, g, scale_format, error_feedback)
-        rows.append(
-            {"layer": name, "bits": bits, "group": g, "scale_format": scale_format, "n": n, "k": k,
-             "bpw": sop_bpw(bits, g, scale_format, n, k), **layer_errors(W, q.dequantize(), H)}
-        )
-    return rows
+    hinv = inverse_cholesky(H) if error_feedback else None
+    rows, fits = [], {}
+    for option in options:
+        g = resolve_group(option.group, k)
+        for bits in sorted(allowed_bits):
+            q = quantize_layer(W, H, bits, g, option.scale_format, error_feedback, option.mode, hinv, max_alternations)
+            rows.append(
+                {"layer": name, "bits": bits, "group": g, "scale_format": option.scale_format, "mode": option.mode,
+                 "n": n, "k": k, "bpw": sop_bpw(bits, g, option.scale_format, n, k),
+                 **layer_errors(W, q.dequantize(), H)}
+            )
+            fits[option_key(bits, g, option.scale_format, option.mode)] = q
+    return rows, fits
 
 
 def score_layers(
     weights: dict[str, torch.Tensor],
     gram: GramLookup,
     allowed_bits: list[int],
-    group,
-    scale_format: str,
+    options: list[FitOption],
     error_feedback: bool,
     workers: int = 1,
-) -> pd.DataFrame:
-    """One row per (layer, bits): layer, bits, group, scale_format, n, k, bpw, e_out, mse, acos."""
-    tasks = ((name, W, gram[name], allowed_bits, group, scale_format, error_feedback) for name, W in weights.items())
-    return pd.DataFrame([row for rows in _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights)) for row in rows])
+    max_alternations: int = MAX_ALTERNATIONS,
+) -> tuple[pd.DataFrame, dict[str, dict[str, QuantizedLayer]]]:
+    """One row per (layer, option, bits): layer, bits, group, scale_format, mode, n, k, bpw, e_out,
+    mse, acos; and every fit, {layer: {option key: QuantizedLayer}}, so later stages reuse them."""
+    tasks = (
+        (name, W, gram[name], allowed_bits, options, error_feedback, max_alternations) for name, W in weights.items()
+    )
+    rows, fits = [], {}
+    for name, (layer_rows, layer_fits) in zip(weights, _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights))):
+        rows.extend(layer_rows)
+        fits[name] = layer_fits
+    return pd.DataFrame(rows), fits
+
+
+def save_fits(fits: dict[str, dict[str, QuantizedLayer]], path) -> None:
+    """Every fit of the sensitivity stage, codes packed densely (sopq.packing), so the fit and
+    evaluate stages take any (layer, option) from here instead of fitting it again."""
+    tensors, meta = {}, {}
+    for layer, by_option in fits.items():
+        for key, q in by_option.items():
+            name = f"{layer}@{key}"
+            tensors.update({f"{name}.codes": pack_codes(q.codes, q.bits), f"{name}.codebook": q.codebook,
+                            f"{name}.scales": q.scales})
+            meta[name] = {"bits": q.bits, "group": q.group, "scale_format": q.scale_format, "shape": list(q.codes.shape)}
+    save_safetensors(tensors, path, metadata={"fits": json.dumps(meta)})
+
+
+def load_fits(path, wanted: dict[str, str]) -> dict[str, QuantizedLayer]:
+    """{layer: QuantizedLayer} for wanted = {layer: option key} from a save_fits file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["fits"])
+        out = {}
+        for layer, key in wanted.items():
+            name = f"{layer}@{key}"
+            if name not in meta:
+                raise ValueError(f"{path} has no fit {key} of layer {layer}; rerun sensitivity with this option in the search space")
+            m = meta[name]
+            out[layer] = QuantizedLayer(
+                codebook=f.get_tensor(f"{name}.codebook"), scales=f.get_tensor(f"{name}.scales"),
+                codes=unpack_codes(f.get_tensor(f"{name}.codes"), m["bits"], tuple(m["shape"])),
+                bits=m["bits"], group=m["group"], scale_format=m["scale_format"],
+            )
+    return out
+
+
+def plan_keys(plan: pd.DataFrame) -> dict[str, str]:
+    """{layer: option key} of a plan (promote's output)."""
+    return {row.layer: option_key(row.bits, row.group, row.scale_format, row.mode) for row in plan.itertuples()}

@@ -89,3 +89,34 @@ def test_int_per_channel():
     assert W_hat[0].tolist() == [31.0, -16.0, 0.0]  # -15.5 ties to even
     assert (W_hat[1] * 31).round().tolist() == [31.0, 16.0, 8.0]
     assert bpw == 6 + 32 / 3
+
+
+def test_layer_errors_many_matches_layer_errors():
+    from sopq.metrics import layer_errors_many
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    H = X.T @ X / 200
+    hats = {"a": W + 0.01 * torch.randn(12, 20, generator=g, dtype=torch.float64), "b": fp8_per_channel(W)[0]}
+    many = layer_errors_many(W, hats, H)
+    for name, W_hat in hats.items():
+        one = layer_errors(W, W_hat, H)
+        assert many[name] == pytest.approx(one, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fp8_channel_ef", "fp6_e2m3_mx_ef", "int6_channel_ef"])
+def test_fixed_formats_with_error_feedback_stay_on_their_grid_and_lower_output_error(name):
+    from sopq.baselines import EF_BASELINES
+    from sopq.quantize import inverse_cholesky
+
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(32, 96, generator=g)
+    X = torch.randn(1024, 96, generator=g) @ (torch.eye(96) + 0.3 * torch.randn(96, 96, generator=g))
+    H = (X.T @ X / 1024).double()
+    grid = EF_BASELINES[name](W)
+    rtn = grid.round_to_nearest(W)
+    ef = grid.error_feedback(W, inverse_cholesky(H))
+    # Same scales, same element grid: rounding the EF result again changes nothing.
+    assert torch.allclose(grid.round_to_nearest(ef), ef.double(), rtol=1e-6, atol=1e-12)
+    assert layer_errors(W, ef, H)["e_out"] < 0.8 * layer_errors(W, rtn, H)["e_out"]

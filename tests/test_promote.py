@@ -3,7 +3,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from sopq.promote import InfeasibleBudget, promote, tie_group_members
+from sopq.promote import InfeasibleBudget, budget_sweep, promote, tie_group_members
 
 
 def table(layers):
@@ -66,3 +66,31 @@ def test_tie_groups_share_bits():
     assert untied["a.q"] != untied["a.k"]
     tied = promote(sens, 6.0, [["q", "k"]]).set_index("layer")["bits"]
     assert tied["a.q"] == tied["a.k"]
+
+
+def test_options_beyond_bits_and_ties_share_the_whole_option():
+    # Two formats at 6 bits: a cheap one (group 128) and a better, dearer one (group 32).
+    rows = []
+    for layer, alpha in (("m.q", 1.0), ("m.k", 0.01)):
+        for bits, group, bpw, e in ((6, 128, 6.125, 0.004), (6, 32, 6.5, 0.002), (8, 32, 8.5, 0.0001)):
+            rows.append({"layer": layer, "bits": bits, "group": group, "scale_format": "fp16", "mode": "free",
+                         "n": 100, "k": 1, "bpw": bpw, "e_out": e, "alpha": alpha})
+    sens = pd.DataFrame(rows)
+    plan = promote(sens, 6.3125).set_index("layer")
+    assert plan.loc["m.q", "group"] == 32 and plan.loc["m.k", "group"] == 128  # the important layer gets the better format
+    tied = promote(sens, 6.3125, [["q", "k"]]).set_index("layer")
+    assert tied.loc["m.q", ["bits", "group"]].tolist() == tied.loc["m.k", ["bits", "group"]].tolist() == [6, 128]
+
+
+def test_budget_sweep_frontier():
+    sens = table(LAYERS)
+    pareto, plans = budget_sweep(sens, [4.0, 4.5, 5.5, 6.5, 8.5])
+    assert pareto["budget_bpw"].tolist() == [4.5, 5.5, 6.5, 8.5]  # 4.0 is below the smallest feasible
+    assert pareto["predicted"].is_monotonic_decreasing and (pareto["bpw"] <= pareto["budget_bpw"] + 1e-9).all()
+    for row in pareto.itertuples():
+        plan = plans[plans["budget_bpw"] == row.budget_bpw]
+        assert row.predicted == pytest.approx((plan["alpha"] * plan["e_out_pred"]).sum())
+        assert plan["bits"].tolist() == brute_force(sens, row.budget_bpw)
+    assert pareto.filter(like="share_b").sum(axis=1).tolist() == pytest.approx([1.0] * 4)
+    with pytest.raises(InfeasibleBudget, match="below the smallest feasible average 4.5000"):
+        budget_sweep(sens, [3.0, 4.0])

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sopq.metrics import layer_errors
-from sopq.quantize import nearest_code, quantize_layer, weighted_codebook
+from sopq.formats import decode_scales
+from sopq.quantize import E4M3_VALUES, fit_scales_and_codebook, nearest_code, quantize_layer, weighted_codebook
 
 
 def weighted_sse(values, weights, codebook):
@@ -117,3 +118,89 @@ def test_quantize_is_deterministic():
     W, H = correlated_layer()
     a, b = quantize_layer(W, H, 6, 32, "fp16"), quantize_layer(W, H, 6, 32, "fp16")
     assert torch.equal(a.codes, b.codes) and torch.equal(a.codebook, b.codebook) and torch.equal(a.scales, b.scales)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.floats(0.9, 1.6), min_size=3, max_size=30),
+    weights=st.lists(st.floats(0.1, 10.0), min_size=30, max_size=30),
+    size=st.integers(2, 4),
+)
+def test_fp8_codebook_matches_brute_force_over_e4m3(values, weights, size):
+    v = torch.tensor(values, dtype=torch.float64)
+    w = torch.tensor(weights[: len(values)], dtype=torch.float64)
+    codebook = weighted_codebook(v, w, size, mode="fp8")
+    assert codebook.shape == (size,) and torch.all(codebook[1:] >= codebook[:-1])
+    assert torch.equal(codebook.float().to(torch.float8_e4m3fn).float().double(), codebook)
+    # An optimal entry never lies beyond the E4M3 neighbours enclosing the values (moving it
+    # there brings it closer to every value), so these candidates suffice for brute force.
+    grid = E4M3_VALUES.double()
+    lo = grid[grid <= v.min()].max()
+    hi = grid[grid >= v.max()].min()
+    candidates = grid[(grid >= lo) & (grid <= hi)]
+    best = min(
+        weighted_sse(v, w, torch.stack(list(combo)))
+        for combo in itertools.combinations(candidates, min(size, len(candidates)))
+    )
+    assert weighted_sse(v, w, codebook) <= best * (1 + 1e-9) + 1e-15
+
+
+def test_fp8_codebook_at_eight_bits_is_every_e4m3_value():
+    codebook = weighted_codebook(torch.randn(100), torch.ones(100), 256, mode="fp8")
+    assert codebook.shape == (256,) and set(codebook.tolist()) == set(E4M3_VALUES.tolist())
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown codebook mode 'fp4'"):
+        weighted_codebook(torch.randn(10), torch.ones(10), 4, mode="fp4")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    entries=st.lists(st.floats(-8, 8, width=32), min_size=2, max_size=64, unique=True),
+    values=st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=200),
+)
+def test_nearest_code_agrees_with_bucketize_except_exact_ties(entries, values):
+    codebook = torch.tensor(sorted(entries))
+    u = torch.tensor(values)
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    expected = torch.bucketize(u, midpoints)
+    got = nearest_code(u, codebook)
+    differ = got != expected
+    # Only values within float rounding of a midpoint (a tie: both entries equally near) may differ.
+    dist_got = (u - codebook[got]).abs()
+    dist_expected = (u - codebook[expected]).abs()
+    assert torch.allclose(dist_got[differ], dist_expected[differ], rtol=1e-5, atol=1e-6)
+
+
+def test_alternation_never_raises_the_weighted_error():
+    W, H = correlated_layer(seed=2)
+    h = torch.diagonal(H)
+    errors = []
+    for rounds in (1, 2, 4):
+        codebook, stored = fit_scales_and_codebook(W, h, 5, 32, "fp16", max_alternations=rounds)
+        s = decode_scales(stored, "fp16").repeat_interleave(32, dim=1)
+        W_hat = s * codebook[nearest_code(W / s, codebook)]
+        errors.append((h.float() * (W - W_hat) ** 2).sum().item())
+    assert errors[1] <= errors[0] * (1 + 1e-6) and errors[2] <= errors[1] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["free", "fp8"])
+def test_codebook_refit_after_error_feedback_never_raises_output_error(mode):
+    W, H = correlated_layer(seed=3)
+    q = quantize_layer(W, H, 5, 32, "fp16", mode=mode)
+    codebook, stored = fit_scales_and_codebook(W, torch.diagonal(H), 5, 32, "fp16", mode)
+    s = decode_scales(stored, "fp16").repeat_interleave(32, dim=1)
+    before = layer_errors(W, s * codebook[q.codes.long()], H)["e_out"]
+    assert layer_errors(W, q.dequantize(), H)["e_out"] <= before * (1 + 1e-6)
+    if mode == "fp8":
+        book = q.codebook.float()
+        assert torch.equal(book.to(torch.float8_e4m3fn).float(), book)
+
+
+def test_fp8_mode_layer_decodes_to_e4m3_codebook_values():
+    W, H = correlated_layer(seed=4)
+    q = quantize_layer(W, H, 6, 32, "e8m0", mode="fp8")
+    # E8M0 scales times E4M3 entries: every weight is a power of two times an E4M3 value.
+    assert set(q.codebook.float().tolist()) <= set(E4M3_VALUES.tolist())
+    assert layer_errors(W, q.dequantize(), H)["e_out"] < 1e-3

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sopq.baselines import BASELINES
-from sopq.variants import UNIFORM_BITS, build_variants, layer_table, summarize
+from sopq.variants import UNIFORM_BITS, alpha_validation, build_variants, layer_table, quality_table, summarize
 from sopq.quantize import quantize_layer
 from sopq.store import write_packed
 
@@ -44,3 +44,41 @@ def test_build_variants_reads_the_packed_plan_and_fits_uniform(tmp_path):
     # 8 bits beat 4 bits on the same layer set; every variant is close to the weights.
     errors = table.set_index(["variant", "layer"])["e_out"]
     assert errors["sop_promoted", "b"] < errors["sop6", "b"] and (table["acos"] > 0.99).all()
+
+
+def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
+    from sopq.baselines import EF_BASELINES
+    from sopq.promote import budget_sweep
+    from sopq.sensitivity import FitOption, save_fits, score_layers
+
+    g = torch.Generator().manual_seed(1)
+    weights = {"a": torch.randn(16, 64, generator=g), "b": torch.randn(8, 64, generator=g)}
+    grams = Grams()
+    table, fits = score_layers(weights, grams, [4, 6, 8], [FitOption(32, "fp16", "free"), FitOption(32, "fp16", "fp8")], True)
+    table["alpha"] = 1.0
+    save_fits(fits, tmp_path / "fits.safetensors")
+    write_packed({name: fits[name]["b6.g32.fp16.free"] for name in weights}, tmp_path / "packed", "fam")
+    _, plans = budget_sweep(table, [7.0, 9.0])
+    quantization = {"group": 32, "scale_format": "fp16", "mode": "free", "error_feedback": True}
+    variants, bpw = build_variants(
+        weights, grams, tmp_path / "packed", quantization, fits_path=tmp_path / "fits.safetensors",
+        sensitivity=table, sweep_plans=plans, comparisons={"ef_baselines": True, "uniform_without_ef": True},
+    )
+    assert set(variants) == {"sop_promoted", "sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9",
+                             "sop6_no_ef", *BASELINES, *EF_BASELINES}
+    # The stored fits are what a fresh fit gives.
+    fresh = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16")
+    assert torch.equal(variants["sop6"]["a"], fresh.dequantize())
+    per_layer = layer_table(weights, grams, variants, bpw)
+    e = per_layer.groupby("variant")["e_out"].median()
+    assert e["sop_promoted@9"] < e["sop_promoted@7"] and e["sop6"] < e["sop6_no_ef"] or e["sop6"] == pytest.approx(e["sop6_no_ef"])
+    end_to_end = pd.DataFrame({"variant": ["reference", *variants], "kl_mean": [0.0, *range(1, len(variants) + 1)]})
+    summary = summarize(per_layer, end_to_end)
+    quality = quality_table(summary, per_layer, "causal_lm").set_index("variant")
+    assert quality.loc["fp8_channel", "ratio_to_fp8_median"] == 1.0 and quality.loc["fp8_channel", "layers_beating_fp8"] == 0
+    assert quality.loc["sop6_no_ef", "error_feedback"] == False and quality.loc["int6_channel_ef", "error_feedback"] == True  # noqa: E712
+    assert quality["bpw"].is_monotonic_increasing
+    pareto = pd.DataFrame({"budget_bpw": [7.0, 9.0, 10.0], "bpw": [6.9, 8.9, 9.9], "predicted": [0.2, 0.1, 0.05]})
+    check = alpha_validation(summary, pareto, "causal_lm")
+    assert check["budget_bpw"].tolist() == [7.0, 9.0]  # 10.0 was not measured
+    assert check["kl_mean"].tolist() == summary.set_index("variant").loc[["sop_promoted@7", "sop_promoted@9"], "kl_mean"].tolist()

@@ -14,13 +14,14 @@ import torch
 import yaml
 
 import sopq
-from sopq.baselines import BASELINES
+from sopq.baselines import BASELINES, EF_BASELINES
 from sopq.config import validate_config
 from sopq.evaluate import evaluate_variants
 from sopq.io import sha256_file
 from sopq.model import load_model, quantizable_layers, set_weight, token_sequences
 from sopq.packed_model import PackedLinear, load_tokenizer
 from sopq.store import read_packed
+from sopq.variants import budget_variant
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +97,14 @@ def test_every_stage_wrote_its_contract(run):
         assert kernel["layer"].tolist() == layers
         assert (kernel["rel_err"] < 1e-2).all()
 
+        pareto = pd.read_parquet(out / "pareto.parquet")
+        assert pareto["budget_bpw"].is_monotonic_increasing and pareto["predicted"].is_monotonic_decreasing
+        assert (pareto["bpw"] <= pareto["budget_bpw"] + 1e-9).all()
+        measured = [budget_variant(b) for b in config["sweep"]["evaluate"] if b in set(pareto["budget_bpw"])]
+
         summary = pd.read_parquet(out / "eval.parquet").set_index("variant")
-        assert set(summary.index) == {"reference", "sop6", "sop_promoted", *BASELINES}
+        assert set(summary.index) == {"reference", "sop6", "sop_promoted", "sop6_no_ef", *BASELINES, *EF_BASELINES, *measured}
+        assert len(measured) >= 2
         if spec["kind"] == "causal_lm":
             assert summary.loc["reference", "kl_mean"] == 0 and summary.loc["reference", "top1"] == 1
             assert (summary.drop("reference")["kl_mean"] > 0).all()

@@ -1,6 +1,8 @@
-"""evaluate: SOP (promoted and uniform) and the FP8 baselines, per layer and end to end."""
+"""evaluate: SOP (promoted, uniform, promoted across the budget sweep) and every baseline, per
+layer and end to end."""
 from pathlib import Path
 
+import pandas as pd
 
 from sopq.evaluate import evaluate_variants
 from sopq.io import write_parquet
@@ -16,7 +18,12 @@ with rule_log(snakemake.log[0], snakemake.threads):
     weights = {name: get_weight(module).clone() for name, module in layers.items()}
     gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
 
-    variants, bpw = build_variants(weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads))
+    plans = pd.read_parquet(snakemake.input.sweep_plans)
+    variants, bpw = build_variants(
+        weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads),
+        fits_path=snakemake.input.fits, sensitivity=pd.read_parquet(snakemake.input.sensitivity),
+        sweep_plans=plans[plans["budget_bpw"].isin(p.evaluate_budgets)], comparisons=p.comparisons,
+    )
     per_layer = layer_table(weights, gram, variants, bpw)
 
     e = p.evaluation

@@ -6,6 +6,7 @@ The rule provides (every per-family list in the order of params.families):
     input.kernel        results/{family}/kernel.parquet
     input.eval          results/{family}/eval.parquet
     input.eval_layers   results/{family}/eval_layers.parquet
+    input.pareto        results/{family}/pareto.parquet
     input.benchmarks    benchmark TSV files, any order: benchmarks/{family}/{rule}.tsv and
                         benchmarks/{rule}.tsv for family-free rules (may be empty)
     params.families     list of family names
@@ -21,7 +22,7 @@ from pathlib import Path
 from sopq.logs import rule_log
 from sopq.report import build_report
 
-TABLES = ("sensitivity", "plan", "kernel", "eval", "eval_layers")
+TABLES = ("sensitivity", "plan", "kernel", "eval", "eval_layers", "pareto")
 
 
 def as_list(files) -> list[str]:

@@ -1,21 +1,25 @@
-"""sensitivity: fit every layer at every allowed width and measure its errors; attach alpha."""
+"""sensitivity: fit every layer at every allowed width and search option, measure its errors,
+attach alpha, keep the fits."""
 import pandas as pd
 
 from sopq.io import write_parquet
 from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers
-from sopq.sensitivity import GramLookup, score_layers
+from sopq.sensitivity import GramLookup, save_fits, score_layers, search_options
 
 p = snakemake.params
+q = p.quantization
 with rule_log(snakemake.log[0], snakemake.threads):
     model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     weights = {name: get_weight(module) for name, module in quantizable_layers(model, p.include, p.exclude).items()}
     gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
-    table = score_layers(
-        weights, gram, p.allowed_bits, p.group, p.scale_format, p.error_feedback, workers=usable_cpus(snakemake.threads)
+    table, fits = score_layers(
+        weights, gram, q["allowed_bits"], search_options(q), q["error_feedback"],
+        workers=usable_cpus(snakemake.threads), max_alternations=q["max_alternations"],
     )
     alpha = pd.read_parquet(snakemake.input.importance).set_index("layer")["alpha"]
     table["alpha"] = table["layer"].map(alpha)
     if table["alpha"].isna().any():
         raise ValueError(f"{snakemake.input.importance} lacks layers {sorted(set(table.layer) - set(alpha.index))}; rerun importance")
-    write_parquet(table, snakemake.output[0])
+    save_fits(fits, snakemake.output.fits)
+    write_parquet(table, snakemake.output.table)
