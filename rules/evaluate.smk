@@ -15,6 +15,7 @@ rule evaluate:
         **MODEL_PARAMS,
         quantization=config["quantization"],
         evaluate_budgets=config["sweep"]["evaluate"],
+        budget_bpw=config["budget_bpw"],
         comparisons=config["comparisons"],
         evaluation=config["evaluation"],
     threads: workflow.cores

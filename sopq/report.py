@@ -648,7 +648,7 @@ def _quality_table_part(family: Family) -> str:
     ]
     out = _table(head, rows)
     if family.pareto is not None:
-        check = alpha_validation(family.eval.reset_index(), family.pareto, family.kind)
+        check = alpha_validation(family.eval.reset_index(), family.pareto, family.kind, family.budget_bpw)
         if len(check) >= 3:
             r = np.corrcoef(check["predicted"], check[damage])[0, 1]
             rho = check["predicted"].rank().corr(check[damage].rank())

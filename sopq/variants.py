@@ -153,14 +153,19 @@ def quality_table(summary: pd.DataFrame, per_layer: pd.DataFrame, kind: str) -> 
     return out.reset_index().sort_values(["bpw", "variant"], ignore_index=True)
 
 
-def alpha_validation(summary: pd.DataFrame, pareto: pd.DataFrame, kind: str) -> pd.DataFrame:
+def alpha_validation(summary: pd.DataFrame, pareto: pd.DataFrame, kind: str, promoted_budget: float | None = None) -> pd.DataFrame:
     """Predicted sum_l alpha_l E_out(l) of each promoted plan of the sweep next to the measured
-    end-to-end damage of the same plan (variants sop_promoted@B); empty if none was measured."""
+    end-to-end damage of the same plan (variants sop_promoted@B, and sop_promoted for the plan
+    at promoted_budget); empty if none was measured."""
     name, damage = DAMAGE[kind]
     measured = summary.assign(damage=damage(summary)).set_index("variant")["damage"]
+
+    def variant(budget):
+        return "sop_promoted" if promoted_budget is not None and budget == promoted_budget else budget_variant(budget)
+
     rows = [
-        {"budget_bpw": r.budget_bpw, "bpw": r.bpw, "predicted": r.predicted, name: measured[budget_variant(r.budget_bpw)]}
+        {"budget_bpw": r.budget_bpw, "bpw": r.bpw, "predicted": r.predicted, name: measured[variant(r.budget_bpw)]}
         for r in pareto.itertuples()
-        if budget_variant(r.budget_bpw) in measured.index
+        if variant(r.budget_bpw) in measured.index
     ]
     return pd.DataFrame(rows, columns=["budget_bpw", "bpw", "predicted", name])

@@ -22,7 +22,8 @@ with rule_log(snakemake.log[0], snakemake.threads):
     variants, bpw = build_variants(
         weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads),
         fits_path=snakemake.input.fits, sensitivity=pd.read_parquet(snakemake.input.sensitivity),
-        sweep_plans=plans[plans["budget_bpw"].isin(p.evaluate_budgets)], comparisons=p.comparisons,
+        # The plan at budget_bpw is sop_promoted itself: measured once, under that name.
+        sweep_plans=plans[plans["budget_bpw"].isin(set(p.evaluate_budgets) - {p.budget_bpw})], comparisons=p.comparisons,
     )
     per_layer = layer_table(weights, gram, variants, bpw)
 

@@ -6,7 +6,7 @@ The rule provides (every per-family list in the order of params.families):
     input.kernel        results/{family}/kernel.parquet
     input.eval          results/{family}/eval.parquet
     input.eval_layers   results/{family}/eval_layers.parquet
-    input.pareto        results/{family}/pareto.parquet
+    input.pareto        results/{family}/pareto.parquet (optional)
     input.benchmarks    benchmark TSV files, any order: benchmarks/{family}/{rule}.tsv and
                         benchmarks/{rule}.tsv for family-free rules (may be empty)
     params.families     list of family names
@@ -22,7 +22,8 @@ from pathlib import Path
 from sopq.logs import rule_log
 from sopq.report import build_report
 
-TABLES = ("sensitivity", "plan", "kernel", "eval", "eval_layers", "pareto")
+TABLES = ("sensitivity", "plan", "kernel", "eval", "eval_layers")
+OPTIONAL_TABLES = ("pareto",)  # the budget sweep; the report leaves out the alpha check without it
 
 
 def as_list(files) -> list[str]:
@@ -34,6 +35,7 @@ def main(smk) -> None:
     names = list(smk.params.families)
     config = smk.params.config
     tables = {table: as_list(getattr(smk.input, table)) for table in TABLES}
+    tables.update({table: as_list(getattr(smk.input, table)) for table in OPTIONAL_TABLES if hasattr(smk.input, table)})
     for table, files in tables.items():
         if len(files) != len(names):
             raise ValueError(
