@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
 from datetime import datetime, timezone
 
@@ -42,10 +43,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True)
     parser.add_argument("--kind", default="causal_lm")
+    parser.add_argument("--layers", default="", help="regular expression on layer names (default: every layer)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_model(args.model, args.kind)
-    layers = quantizable_layers(model, [".*"], ["lm_head", "embed", "pooler"])
+    layers = {n: m for n, m in quantizable_layers(model, [".*"], ["lm_head", "embed", "pooler"]).items() if re.search(args.layers, n)}
     gram = GramLookup.from_files(f"{args.calib}/stats.parquet", f"{args.calib}/grams.safetensors")
     rows, seconds = [], dict.fromkeys(CONFIGS, 0.0)
     for name, module in layers.items():
@@ -64,7 +66,7 @@ def main() -> None:
             rows.append({"config": config, "layer": name, "n": n, "k": k, "bpw": sop_bpw(bits, min(group, k), fmt, n, k),
                          "ratio": errors[config]["e_out"] / errors["fp8"]["e_out"]})
     table = pd.DataFrame(rows)
-    print(f"# {args.model}: {len(layers)} layers; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    print(f"# {args.model}: {len(layers)} layers matching {args.layers!r}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.machine()}, torch {torch.__version__}, 1 thread\n")
     print("| b | group | scales | mode | error feedback | all-in bpw | median E_out / FP8 channel | worst | layers beating FP8 channel | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
