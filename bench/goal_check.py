@@ -3,7 +3,7 @@ nearest), on every quantizable layer of a fetched model with its calibration Gra
 layer-level goals (6.5 bpw: wins every layer, median ratio <= 0.4; 6.125 bpw: wins >= 95%).
 
     PYTHONPATH=$PWD python bench/goal_check.py --model resources/models/bert --kind encoder \
-        --calib results/bert/calib > bench/results/goal_check_bert.md
+        --calib results/bert/calib > bench/goal_check_bert.results.md
 
 Prints a Markdown table: configuration, error feedback, all-in bpw (weighted over layers),
 median / worst E_out ratio to FP8 per channel, share of layers with lower E_out, CPU seconds.
