@@ -5,7 +5,7 @@ rule evaluate:
         packed="results/{family}/packed",
         stats="results/{family}/calib/stats.parquet",
         grams="results/{family}/calib/grams.safetensors",
-        fits="results/{family}/fits.safetensors",
+        fits="results/{family}/fits",
         sensitivity="results/{family}/sensitivity.parquet",
         sweep_plans="results/{family}/sweep_plans.parquet",
     output:

@@ -3,7 +3,7 @@
 rule fit:
     input:
         plan="results/{family}/plan.parquet",
-        fits="results/{family}/fits.safetensors",
+        fits="results/{family}/fits",
     output:
         "results/{family}/codebooks.safetensors",
     conda:

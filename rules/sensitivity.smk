@@ -35,7 +35,7 @@ rule sensitivity:
         importance="results/{family}/importance.parquet",
     output:
         table="results/{family}/sensitivity.parquet",
-        fits="results/{family}/fits.safetensors",
+        fits=directory("results/{family}/fits"),
     params:
         **MODEL_PARAMS,
         quantization=config["quantization"],

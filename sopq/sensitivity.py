@@ -2,6 +2,7 @@
 and keep the fits for the stages after promotion."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -9,16 +10,18 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sopq.calibrate import load_gram
 from sopq.formats import sop_bpw
 from sopq.metrics import layer_errors
-from sopq.io import save_safetensors
+from sopq.io import atomic_path
 from sopq.packing import pack_codes, unpack_codes
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
 
@@ -148,45 +151,56 @@ def score_layers(
     error_feedback: bool,
     workers: int = 1,
     max_alternations: int = MAX_ALTERNATIONS,
-) -> tuple[pd.DataFrame, dict[str, dict[str, QuantizedLayer]]]:
+    fits_dir=None,
+) -> pd.DataFrame:
     """One row per (layer, option, bits): layer, bits, group, scale_format, mode, n, k, bpw, e_out,
-    mse, acos; and every fit, {layer: {option key: QuantizedLayer}}, so later stages reuse them."""
+    mse, acos. With fits_dir, every fit is also written there (save_layer_fits, one file per
+    layer as it completes, so memory holds one layer's fits), for later stages to reuse."""
     tasks = (
         (name, W, gram[name], allowed_bits, options, error_feedback, max_alternations) for name, W in weights.items()
     )
-    rows, fits = [], {}
-    for name, (layer_rows, layer_fits) in zip(weights, _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights))):
-        rows.extend(layer_rows)
-        fits[name] = layer_fits
-    return pd.DataFrame(rows), fits
+    rows = []
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(fits_dir)) if fits_dir is not None else None
+        if tmp is not None:
+            tmp.mkdir()
+        for name, (layer_rows, layer_fits) in zip(weights, _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights))):
+            rows.extend(layer_rows)
+            if tmp is not None:
+                save_layer_fits(layer_fits, tmp, name)
+    return pd.DataFrame(rows)
 
 
-def save_fits(fits: dict[str, dict[str, QuantizedLayer]], path) -> None:
-    """Every fit of the sensitivity stage, codes packed densely (sopq.packing), so the fit and
-    evaluate stages take any (layer, option) from here instead of fitting it again."""
+def _fits_file(fits_dir, layer: str) -> Path:
+    return Path(fits_dir) / f"{layer}.safetensors"
+
+
+def save_layer_fits(by_option: dict[str, QuantizedLayer], fits_dir, layer: str) -> None:
+    """Every fit of one layer ({option key: fit}) as fits_dir/{layer}.safetensors, codes packed
+    densely (sopq.packing), so the fit and evaluate stages take any (layer, option) from here
+    instead of fitting it again."""
     tensors, meta = {}, {}
-    for layer, by_option in fits.items():
-        for key, q in by_option.items():
-            name = f"{layer}@{key}"
-            tensors.update({f"{name}.codes": pack_codes(q.codes, q.bits), f"{name}.codebook": q.codebook,
-                            f"{name}.scales": q.scales})
-            meta[name] = {"bits": q.bits, "group": q.group, "scale_format": q.scale_format, "shape": list(q.codes.shape)}
-    save_safetensors(tensors, path, metadata={"fits": json.dumps(meta)})
+    for key, q in by_option.items():
+        tensors.update({f"{key}.codes": pack_codes(q.codes, q.bits), f"{key}.codebook": q.codebook, f"{key}.scales": q.scales})
+        meta[key] = {"bits": q.bits, "group": q.group, "scale_format": q.scale_format, "shape": list(q.codes.shape)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(_fits_file(fits_dir, layer)), metadata={"fits": json.dumps(meta)})
 
 
-def load_fits(path, wanted: dict[str, str]) -> dict[str, QuantizedLayer]:
-    """{layer: QuantizedLayer} for wanted = {layer: option key} from a save_fits file."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["fits"])
-        out = {}
-        for layer, key in wanted.items():
-            name = f"{layer}@{key}"
-            if name not in meta:
+def load_fits(fits_dir, wanted: dict[str, str]) -> dict[str, QuantizedLayer]:
+    """{layer: QuantizedLayer} for wanted = {layer: option key} from a sensitivity fits directory."""
+    out = {}
+    for layer, key in wanted.items():
+        path = _fits_file(fits_dir, layer)
+        if not path.exists():
+            raise ValueError(f"{path} is missing: rerun sensitivity (layer {layer} has no stored fits)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["fits"])
+            if key not in meta:
                 raise ValueError(f"{path} has no fit {key} of layer {layer}; rerun sensitivity with this option in the search space")
-            m = meta[name]
+            m = meta[key]
             out[layer] = QuantizedLayer(
-                codebook=f.get_tensor(f"{name}.codebook"), scales=f.get_tensor(f"{name}.scales"),
-                codes=unpack_codes(f.get_tensor(f"{name}.codes"), m["bits"], tuple(m["shape"])),
+                codebook=f.get_tensor(f"{key}.codebook"), scales=f.get_tensor(f"{key}.scales"),
+                codes=unpack_codes(f.get_tensor(f"{key}.codes"), m["bits"], tuple(m["shape"])),
                 bits=m["bits"], group=m["group"], scale_format=m["scale_format"],
             )
     return out

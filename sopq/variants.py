@@ -43,7 +43,7 @@ def build_variants(
     quantization: dict,
     workers: int = 1,
     *,
-    fits_path=None,
+    fits_dir=None,
     sensitivity: pd.DataFrame | None = None,
     sweep_plans: pd.DataFrame | None = None,
     comparisons: dict | None = None,
@@ -51,7 +51,7 @@ def build_variants(
     """{variant: {layer: W_hat}} and {variant: {layer: all-in bpw}}:
     - sop_promoted, read back from the packed files, so the evaluation checks what was shipped;
     - sop6: every layer at UNIFORM_BITS with the configured group/scale_format/mode, taken from
-      the sensitivity stage's fits (fits_path) when given, else fitted here; with the fits and
+      the sensitivity stage's fits (fits_dir) when given, else fitted here; with the fits and
       the sensitivity table, also sop6[<option>] for every other option of the search space;
     - sop_promoted@B for each budget B in sweep_plans (promote.budget_sweep's stacked plans);
     - sop6_no_ef (comparisons.uniform_without_ef): sop6 without error feedback;
@@ -65,21 +65,21 @@ def build_variants(
         name: (UNIFORM_BITS, resolve_group(quantization["group"], W.shape[1]), quantization["scale_format"], mode)
         for name, W in weights.items()
     }
-    if fits_path is not None:
-        sop6 = load_fits(fits_path, {name: option_key(*form) for name, form in uniform.items()})
+    if fits_dir is not None:
+        sop6 = load_fits(fits_dir, {name: option_key(*form) for name, form in uniform.items()})
     else:
         sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], "sop6", workers)
     variants["sop6"], bpw["sop6"] = _sop_variant(sop6)
-    if fits_path is not None and sensitivity is not None:
+    if fits_dir is not None and sensitivity is not None:
         rows = sensitivity[sensitivity["bits"] == UNIFORM_BITS]
         for (group, fmt, m), part in rows.groupby(["group", "scale_format", "mode"], sort=False):
             keys = {row.layer: option_key(row.bits, row.group, row.scale_format, row.mode) for row in part.itertuples()}
             name = f"sop6[g{group}.{fmt}.{m}]"
             if set(keys) == set(weights) and keys != {n: option_key(*f) for n, f in uniform.items()}:
-                variants[name], bpw[name] = _sop_variant(load_fits(fits_path, keys))
+                variants[name], bpw[name] = _sop_variant(load_fits(fits_dir, keys))
     if sweep_plans is not None:
         for budget, plan in sweep_plans.groupby("budget_bpw", sort=True):
-            variants[budget_variant(budget)], bpw[budget_variant(budget)] = _sop_variant(load_fits(fits_path, plan_keys(plan)))
+            variants[budget_variant(budget)], bpw[budget_variant(budget)] = _sop_variant(load_fits(fits_dir, plan_keys(plan)))
     if comparisons.get("uniform_without_ef"):
         plain = fit_layers(weights, gram, uniform, False, "sop6 without error feedback", workers)
         variants["sop6_no_ef"], bpw["sop6_no_ef"] = _sop_variant(plain)

@@ -49,19 +49,20 @@ def test_build_variants_reads_the_packed_plan_and_fits_uniform(tmp_path):
 def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     from sopq.baselines import EF_BASELINES
     from sopq.promote import budget_sweep
-    from sopq.sensitivity import FitOption, save_fits, score_layers
+    from sopq.sensitivity import load_fits
+    from sopq.sensitivity import FitOption, score_layers
 
     g = torch.Generator().manual_seed(1)
     weights = {"a": torch.randn(16, 64, generator=g), "b": torch.randn(8, 64, generator=g)}
     grams = Grams()
-    table, fits = score_layers(weights, grams, [4, 6, 8], [FitOption(32, "fp16", "free"), FitOption(32, "fp16", "fp8")], True)
+    options = [FitOption(32, "fp16", "free"), FitOption(32, "fp16", "fp8")]
+    table = score_layers(weights, grams, [4, 6, 8], options, True, fits_dir=tmp_path / "fits")
     table["alpha"] = 1.0
-    save_fits(fits, tmp_path / "fits.safetensors")
-    write_packed({name: fits[name]["b6.g32.fp16.free"] for name in weights}, tmp_path / "packed", "fam")
+    write_packed(load_fits(tmp_path / "fits", dict.fromkeys(weights, "b6.g32.fp16.free")), tmp_path / "packed", "fam")
     _, plans = budget_sweep(table, [7.0, 9.0])
     quantization = {"group": 32, "scale_format": "fp16", "mode": "free", "error_feedback": True}
     variants, bpw = build_variants(
-        weights, grams, tmp_path / "packed", quantization, fits_path=tmp_path / "fits.safetensors",
+        weights, grams, tmp_path / "packed", quantization, fits_dir=tmp_path / "fits",
         sensitivity=table, sweep_plans=plans, comparisons={"ef_baselines": True, "uniform_without_ef": True},
     )
     assert set(variants) == {"sop_promoted", "sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9",

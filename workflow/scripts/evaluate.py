@@ -21,7 +21,7 @@ with rule_log(snakemake.log[0], snakemake.threads):
     plans = pd.read_parquet(snakemake.input.sweep_plans)
     variants, bpw = build_variants(
         weights, gram, snakemake.input.packed, p.quantization, usable_cpus(snakemake.threads),
-        fits_path=snakemake.input.fits, sensitivity=pd.read_parquet(snakemake.input.sensitivity),
+        fits_dir=snakemake.input.fits, sensitivity=pd.read_parquet(snakemake.input.sensitivity),
         # The plan at budget_bpw is sop_promoted itself: measured once, under that name.
         sweep_plans=plans[plans["budget_bpw"].isin(set(p.evaluate_budgets) - {p.budget_bpw})], comparisons=p.comparisons,
     )

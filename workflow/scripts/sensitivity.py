@@ -5,7 +5,7 @@ import pandas as pd
 from sopq.io import write_parquet
 from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_model, quantizable_layers
-from sopq.sensitivity import GramLookup, save_fits, score_layers, search_options
+from sopq.sensitivity import GramLookup, score_layers, search_options
 
 p = snakemake.params
 q = p.quantization
@@ -13,13 +13,12 @@ with rule_log(snakemake.log[0], snakemake.threads):
     model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
     weights = {name: get_weight(module) for name, module in quantizable_layers(model, p.include, p.exclude).items()}
     gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
-    table, fits = score_layers(
+    table = score_layers(
         weights, gram, q["allowed_bits"], search_options(q), q["error_feedback"],
-        workers=usable_cpus(snakemake.threads), max_alternations=q["max_alternations"],
+        workers=usable_cpus(snakemake.threads), max_alternations=q["max_alternations"], fits_dir=snakemake.output.fits,
     )
     alpha = pd.read_parquet(snakemake.input.importance).set_index("layer")["alpha"]
     table["alpha"] = table["layer"].map(alpha)
     if table["alpha"].isna().any():
         raise ValueError(f"{snakemake.input.importance} lacks layers {sorted(set(table.layer) - set(alpha.index))}; rerun importance")
-    save_fits(fits, snakemake.output.fits)
     write_parquet(table, snakemake.output.table)
