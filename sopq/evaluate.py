@@ -72,7 +72,9 @@ def evaluate_variants(
     batch_size: int,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run every variant (layer -> W_hat (N, K); empty = the reference) and compare with the reference.
+    """Run every variant (layer -> W_hat (N, K), or a zero-argument callable returning it, made
+    when the variant is set so that many variants need not be held dense in memory at once;
+    empty = the reference) and compare with the reference.
 
     causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
     encoder columns: variant, cosine_mean, cosine_min (pooled embeddings). Original weights are
@@ -94,7 +96,7 @@ def evaluate_variants(
         for variant, weights in variants.items():
             try:
                 for name, W_hat in weights.items():
-                    set_weight(layers[name], W_hat)
+                    set_weight(layers[name], W_hat() if callable(W_hat) else W_hat)
                 out = _model_output(model, kind, batch) if weights else ref
             finally:
                 for name in weights:

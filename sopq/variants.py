@@ -1,6 +1,8 @@
 """The quantized variants the evaluate stage compares, and their per-layer and summary tables."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import torch
@@ -16,8 +18,18 @@ from sopq.store import read_packed
 UNIFORM_BITS = 6
 
 
+def materialize(W_hat) -> torch.Tensor:
+    """A variant's layer weight: build_variants gives SOP layers and round-to-nearest baselines as
+    callables (codes take 1 byte per weight, not 4; rounding is cheap to redo), the rest as tensors."""
+    return W_hat() if callable(W_hat) else W_hat
+
+
+def _rounded(baseline, W) -> torch.Tensor:
+    return baseline(W)[0].float()
+
+
 def _sop_variant(fitted) -> tuple[dict, dict]:
-    weights = {name: q.dequantize() for name, q in fitted.items()}
+    weights = {name: q.dequantize for name, q in fitted.items()}
     bpw = {name: sop_bpw(q.bits, q.group, q.scale_format, *q.codes.shape) for name, q in fitted.items()}
     return weights, bpw
 
@@ -48,7 +60,8 @@ def build_variants(
     sweep_plans: pd.DataFrame | None = None,
     comparisons: dict | None = None,
 ):
-    """{variant: {layer: W_hat}} and {variant: {layer: all-in bpw}}:
+    """{variant: {layer: W_hat or a callable making it (see materialize)}} and {variant: {layer:
+    all-in bpw}}:
     - sop_promoted, read back from the packed files, so the evaluation checks what was shipped;
     - sop6: every layer at UNIFORM_BITS with the configured group/scale_format/mode, taken from
       the sensitivity stage's fits (fits_dir) when given, else fitted here; with the fits and
@@ -84,9 +97,8 @@ def build_variants(
         plain = fit_layers(weights, gram, uniform, False, "sop6 without error feedback", workers)
         variants["sop6_no_ef"], bpw["sop6_no_ef"] = _sop_variant(plain)
     for name, baseline in BASELINES.items():
-        results = {layer: baseline(W) for layer, W in weights.items()}
-        variants[name] = {layer: W_hat.float() for layer, (W_hat, _) in results.items()}
-        bpw[name] = {layer: b for layer, (_, b) in results.items()}
+        variants[name] = {layer: functools.partial(_rounded, baseline, W) for layer, W in weights.items()}
+        bpw[name] = {layer: baseline(W)[1] for layer, W in weights.items()}
     if comparisons.get("ef_baselines"):
         tasks = ((W, gram[layer]) for layer, W in weights.items())
         per_layer = dict(zip(weights, _map_layers(_ef_baselines, tasks, workers, "baselines with error feedback", len(weights))))
@@ -101,7 +113,8 @@ def layer_table(weights, gram: GramLookup, variants: dict, bpw: dict) -> pd.Data
     matrix is loaded once."""
     rows = []
     for layer, W in weights.items():
-        errors = layer_errors_many(W, {variant: quantized[layer] for variant, quantized in variants.items()}, gram[layer])
+        hats = {variant: materialize(quantized[layer]) for variant, quantized in variants.items()}
+        errors = layer_errors_many(W, hats, gram[layer])
         for variant in variants:
             rows.append({"variant": variant, "layer": layer, "n": W.shape[0], "k": W.shape[1],
                          "bpw": bpw[variant][layer], **errors[variant]})
