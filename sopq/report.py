@@ -62,7 +62,9 @@ VARIANT_COLORS = {
     "fp8_channel": "#ff7f0e",
     "fp8_tensor": "#d62728",
 }
-OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939")
+# Marker by format family, so ~20 variants stay tellable apart with few colours.
+MARKERS = (("sop", "o"), ("fp8", "s"), ("fp6", "D"), ("int", "^"))
 
 # metric column -> (label, lower is better, number format)
 METRICS = {
@@ -380,12 +382,12 @@ def _figure(svg: str, caption: str) -> str:
 
 
 def _variant_styles(variants) -> dict[str, tuple[str, str]]:
-    """variant -> (colour, marker): SOP circles, FP8 squares, other baselines triangles."""
+    """variant -> (colour, marker): SOP circles, FP8 squares, FP6 diamonds, INT triangles."""
     others = iter(OTHER_COLORS * (1 + len(variants) // len(OTHER_COLORS)))
     styles = {}
     for variant in variants:
         colour = VARIANT_COLORS.get(variant) or next(others)
-        marker = "o" if variant in SOP_VARIANTS else "s" if variant in FP8_VARIANTS else "^"
+        marker = next((m for prefix, m in MARKERS if variant.startswith(prefix)), "v")
         styles[variant] = (colour, marker)
     return styles
 
@@ -426,14 +428,20 @@ def _plot_layer_errors(family: Family) -> str:
 
 
 def _plot_quality_vs_bpw(family: Family) -> str | None:
+    """The Pareto view: SOP promoted at every evaluated budget as one line (its frontier), every
+    other variant as a point."""
     quantized = family.eval.drop(index="reference")
     metrics = [m for m in ("e_out_median", *END_TO_END[family.kind]) if quantized[m].notna().any()]
     if not metrics:
         return None
-    styles = _variant_styles(family.eval.index)
+    frontier_names = [v for v in quantized.index if v == "sop_promoted" or v.startswith("sop_promoted@")]
+    points = quantized.drop(index=frontier_names)
+    frontier = quantized.loc[frontier_names].sort_values("bpw")
+    styles = _variant_styles(points.index)
+    frontier_colour = VARIANT_COLORS["sop_promoted"]
     ncols = len(metrics) if len(metrics) <= 3 else math.ceil(len(metrics) / 2)  # keep text readable
     nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(3.3 * ncols, 2.7 * nrows + 0.4), layout="constrained")
+    fig = Figure(figsize=(3.3 * ncols, 2.7 * nrows + 1.2), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(metrics) :]:
         ax.remove()
@@ -441,19 +449,23 @@ def _plot_quality_vs_bpw(family: Family) -> str | None:
         reference = family.eval.at["reference", metric]
         if pd.notna(reference):
             ax.axhline(float(reference), color="black", ls=":", lw=1)
-        for variant, row in quantized.iterrows():
+        line = frontier[frontier["bpw"].notna() & frontier[metric].notna()]
+        ax.plot(line["bpw"].astype(float), line[metric].astype(float), marker="o", ms=5, color=frontier_colour)
+        for variant, row in points.iterrows():
             if pd.notna(row["bpw"]) and pd.notna(row[metric]):
                 colour, marker = styles[variant]
-                ax.plot(float(row["bpw"]), float(row[metric]), marker=marker, ms=7, ls="none", color=colour)
+                ax.plot(float(row["bpw"]), float(row[metric]), marker=marker, ms=6, ls="none", color=colour)
         if metric == "e_out_median":
             ax.set_yscale("log")
         ax.set_title(_metric_header(metric) + " better", fontsize=9)
         ax.set_xlabel("all-in bits per weight", fontsize=8)
         ax.grid(True, alpha=0.3)
-    handles = [
-        Line2D([], [], marker=styles[v][1], color=styles[v][0], ls="none", label=v) for v in quantized.index
-    ] + [Line2D([], [], color="black", ls=":", label="reference (unquantized)")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
+    handles = (
+        [Line2D([], [], marker="o", ms=5, color=frontier_colour, label="SOP promoted, budget sweep")]
+        + [Line2D([], [], marker=styles[v][1], color=styles[v][0], ls="none", label=v) for v in points.index]
+        + [Line2D([], [], color="black", ls=":", label="reference (unquantized)")]
+    )
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8, frameon=False)
     return _svg(fig, f"{family.name}-quality")
 
 

@@ -147,6 +147,7 @@ def test_report_contents(report, inputs):
     for name in ("smollm", "minilm", *VARIANTS):
         assert name in report
     assert report.count("<svg") == 6  # three plots per family
+    assert report.count("SOP promoted, budget sweep") == 2  # the frontier's legend, in each quality plot
     assert "4-5 bit grid" in report  # GGUF source flagged, once: minilm is fp32
     assert report.count("4-5 bit grid") == 1
     assert config_hash(CONFIG) in report
