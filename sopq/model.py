@@ -79,6 +79,147 @@ def load_tokenizer(model_dir, *, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
 
 
+def load_empty_model(model_dir, kind: str, *, trust_remote_code: bool = False):
+    """(model, tokenizer, weights) without reading a weight: parameters on the meta device.
+
+    Buffers are real (rotary frequencies and the like are computed, not stored); `weights` is a
+    LazyWeights that reads one tensor at a time from the directory's safetensors files or GGUF
+    file, with the same names, values and dtype (float32) as `load_model` gives.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"model directory {model_dir} does not exist: run the fetch stage or fix the path")
+    _, gguf_file = model_files(model_dir)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
+    weights = GGUFWeights(model_dir / gguf_file, model) if gguf_file else SafetensorsWeights(model_dir, model)
+    return model, tokenizer, weights
+
+
+class LazyWeights:
+    """Tensors of one model by parameter name, each read from disk when asked for."""
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def materialize(self, model: nn.Module, module: nn.Module, recurse: bool = True) -> None:
+        """Read `module`'s parameters (a submodule of `model`) from disk into it, as float32."""
+        prefix = _qualified_name(model, module)
+        for name, param in list(module.named_parameters(recurse=recurse)):
+            if not param.is_meta:
+                continue
+            owner, attr = _owner(module, name)
+            value = self.tensor(f"{prefix}{name}").to(torch.float32)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{prefix}{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
+            setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+
+    @staticmethod
+    def release(module: nn.Module, recurse: bool = True) -> None:
+        """Give `module`'s parameter memory back: they return to the meta device."""
+        for name, param in list(module.named_parameters(recurse=recurse)):
+            owner, attr = _owner(module, name)
+            setattr(owner, attr, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    path, _, attr = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str:
+    if module is model:
+        return ""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name + "."
+    raise ValueError("module is not part of the model")
+
+
+class SafetensorsWeights(LazyWeights):
+    """An HF directory's *.safetensors files (sharded or not), memory-mapped, read per tensor.
+
+    Checkpoint keys may carry the base model prefix (`bert.encoder...`) where the model's names
+    do not, or the other way round; both are accepted.
+    """
+
+    def __init__(self, model_dir: Path, model: nn.Module):
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{model_dir} has no .safetensors files: lazy loading needs safetensors (or GGUF)")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+        self._prefix = getattr(model, "base_model_prefix", "")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        p = self._prefix
+        candidates = [name, f"{p}.{name}", name.removeprefix(f"{p}.")] if p else [name]
+        for key in candidates:
+            if key in self._where:
+                return self._where[key].get_tensor(key)
+        raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
+
+
+class GGUFWeights(LazyWeights):
+    """One GGUF file, memory-mapped by gguf.GGUFReader; each tensor dequantized when asked for.
+
+    Names and per-architecture fix-ups (Llama's q/k row permutation, Gemma's norm offset) come
+    from transformers' own GGUF loader, so the values equal `load_model`'s.
+    """
+
+    def __init__(self, path: Path, model: nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+        reader = GGUFReader(str(path))
+        architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self._hf_name = get_gguf_hf_weights_map(model, self._processor)
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._gguf_name = {hf: gguf for gguf, hf in self._hf_name.items()}
+        # A weight the model ties to another (lm_head to the embedding) may have no tensor of its own.
+        self._tied = {name: source for name, source in _tied_names(model).items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        gguf_name = self._gguf_name.get(name) or self._gguf_name.get(self._tied.get(name, ""))
+        if gguf_name is None or gguf_name not in self._tensors:
+            raise ValueError(f"parameter {name} has no tensor in the GGUF file: use calibration.streaming: false")
+        t = self._tensors[gguf_name]
+        result = self._processor.process(weights=dequantize(t.data, t.tensor_type), name=gguf_name,
+                                         tensor_key_mapping=self._hf_name, parsed_parameters={"tensors": {}})
+        if result.name != gguf_name:
+            raise ValueError(f"GGUF tensor {gguf_name} needs a merge across tensors (MoE): use calibration.streaming: false")
+        return torch.from_numpy(np.copy(result.weights))
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for every parameter that is the same tensor as an earlier one."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied_to = first.setdefault(id(param), name)
+        if tied_to != name:
+            tied[name] = tied_to
+    return tied
+
+
 def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
     """Every nn.Linear / GPT-2 Conv1D whose qualified name matches an include regex and no exclude regex.
 

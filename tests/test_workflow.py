@@ -49,9 +49,8 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
+def tiny_config(work: Path) -> dict:
+    """The default config cut down to two tiny random models (written under work/models)."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["families"] = {
         "tinyllama": {"kind": "causal_lm", "source_precision": "fp32 (random init)",
@@ -64,6 +63,13 @@ def run(tmp_path_factory):
     config["quantization"]["allowed_bits"] = [4, 6, 8]
     config["importance"]["n_seq"] = 2
     config["kernel"]["m"] = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    config = tiny_config(work)
     configfile = write_config(work / "test.yaml", config)
     snakemake(work, configfile, "results/report.html")
     return work, config, configfile
