@@ -152,6 +152,14 @@ class _StopForward(Exception):
     pass
 
 
+def _hidden_states(block_output):
+    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
+
+
+def _names_in(layers, prefix: str) -> list[str]:
+    return [name for name in layers if name.startswith(prefix)]
+
+
 def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of repeated blocks: its largest ModuleList."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -171,12 +179,13 @@ def collect_stats_streaming(
 ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """collect_stats for a model whose parameters are on the meta device (sopq.model.load_empty_model).
 
-    One block in memory at a time, GPTQ-style: a first pass with every block replaced by a stub
-    records each block's inputs (hidden states and the other arguments the model gives it:
-    masks, position embeddings) and stops after the last block; then block i is read from disk,
-    run on its cached inputs while its layers' statistics are recorded, and released, and its
-    outputs become block i+1's inputs. Peak memory: the weights outside the blocks (embeddings)
-    or one block, whichever is larger, plus the calibration activations (two copies).
+    One block in memory at a time, GPTQ-style: a first pass through the model runs block 0 and
+    records the arguments the model gives every block besides the hidden states (masks, position
+    embeddings: they may differ between blocks), with blocks after the first stubbed out and the
+    pass stopped after the last; then block i is read from disk, run on block i-1's outputs while
+    its layers' statistics are recorded, and released. Peak memory: the weights outside the
+    blocks that run before them (embeddings) or one block, whichever is larger, plus the
+    calibration activations (two copies).
     The statistics equal collect_stats' up to float rounding (the same operations in the same order).
     """
     recorder = _StatsRecorder(layers)
@@ -188,33 +197,38 @@ def collect_stats_streaming(
         raise ValueError(f"layers outside the model's blocks cannot be calibrated block by block: {outside}; "
                          "exclude them or use calibration.streaming: false")
 
-    batches = list(sequences.split(batch_size))
-    inputs: list[torch.Tensor] = []  # block 0's hidden states, per batch
     block_args: list[list[tuple]] = [[] for _ in blocks]  # per block, per batch: (args, kwargs) after the hidden states
+    first_outputs = []  # block 0's outputs (a tensor or a tuple, as the model's blocks return them), per batch
 
-    def stub(i):
+    def capture(i: int, real_forward):
         def forward(hidden_states, *args, **kwargs):
-            if i == 0:
-                inputs.append(hidden_states)
             block_args[i].append((args, kwargs))
+            out = real_forward(hidden_states, *args, **kwargs) if i == 0 else first_outputs[-1]
+            if i == 0:
+                first_outputs.append(out)
             if i == len(blocks) - 1:
                 raise _StopForward
-            return hidden_states
+            return out  # blocks after the first pass on block 0's output: only their arguments matter here
         return forward
 
-    # Modules outside the blocks (embeddings) are read from disk when the first pass calls them;
-    # those after the blocks (final norm, head) are never called, so never read.
+    # First pass: block 0 real (its statistics recorded), the others stubs. Modules outside the
+    # blocks (embeddings) are read from disk when called; those after the blocks (final norm,
+    # head) are never called, so never read.
     in_blocks = {id(m) for m in blocks.modules()}
     outer = [m for m in model.modules() if id(m) not in in_blocks and list(m.parameters(recurse=False))]
     handles = [m.register_forward_pre_hook(lambda m, a: weights.materialize(model, m, recurse=False)) for m in outer]
+    weights.materialize(model, blocks[0])
     for i, block in enumerate(blocks):
-        block.forward = stub(i)
+        block.forward = capture(i, block.forward)
+    progress_bar = tqdm(total=len(blocks), desc="calibrate (blocks)", disable=not progress)
     try:
-        for batch in batches:
-            try:
-                run_model(model, batch)
-            except _StopForward:
-                pass
+        with recorder.hooked(_names_in(layers, block_names[0])):
+            for batch in sequences.split(batch_size):
+                recorder.new_pass()
+                try:
+                    run_model(model, batch)
+                except _StopForward:
+                    pass
     finally:
         for block in blocks:
             del block.forward
@@ -222,19 +236,22 @@ def collect_stats_streaming(
             handle.remove()
         for module in outer:
             weights.release(module, recurse=False)
+        weights.release(blocks[0])
+    progress_bar.update()
 
-    hidden = inputs
-    for i, block in enumerate(tqdm(blocks, desc="calibrate (blocks)", disable=not progress)):
-        weights.materialize(model, block)
-        names = [name for name in layers if name.startswith(block_names[i])]
+    hidden = [_hidden_states(out) for out in first_outputs]
+    for i in range(1, len(blocks)):
+        weights.materialize(model, blocks[i])
         outputs = []
-        with recorder.hooked(names):
+        with recorder.hooked(_names_in(layers, block_names[i])):
             for x, (args, kwargs) in zip(hidden, block_args[i]):
                 recorder.new_pass()
-                outputs.append(block(x, *args, **kwargs))
-        weights.release(block)
+                outputs.append(_hidden_states(blocks[i](x, *args, **kwargs)))
+        weights.release(blocks[i])
         block_args[i] = None
         hidden = outputs
+        progress_bar.update()
+    progress_bar.close()
     return recorder.table()
 
 
