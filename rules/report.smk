@@ -15,7 +15,9 @@ rule report:
         kernel=per_family("results/{family}/kernel.parquet"),
         pareto=per_family("results/{family}/pareto.parquet"),
         benchmarks=expand("benchmarks/{family}/{stage}.tsv", family=FAMILIES, stage=FAMILY_STAGES)
-        + ["benchmarks/fetch_text.tsv"],
+        + ["benchmarks/fetch_text.tsv"]
+        + [f for fam in FAMILIES for stage in ("sensitivity", "fit")
+           for f in expand("benchmarks/{family}/{stage}_shard{shard}.tsv", family=fam, stage=stage, shard=range(n_shards(fam)))],
     output:
         report("results/report.html", caption="../workflow/report/report.rst", category="Report"),
     params:

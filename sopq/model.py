@@ -146,30 +146,57 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
-class SafetensorsWeights(LazyWeights):
-    """An HF directory's *.safetensors files (sharded or not), memory-mapped, read per tensor.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
+
+class SafetensorsWeights(LazyWeights):
+    """An HF directory's *.safetensors files (sharded or not), each tensor read when asked for.
+
+    Plain reads at the offsets the file's header gives, not a memory map: pages of a map that
+    were read once would stay in the process's resident memory, which then grows with depth.
     Checkpoint keys may carry the base model prefix (`bert.encoder...`) where the model's names
     do not, or the other way round; both are accepted.
     """
 
     def __init__(self, model_dir: Path, model: nn.Module):
-        from safetensors import safe_open
+        import json
+        import struct
 
         files = sorted(Path(model_dir).glob("*.safetensors"))
         if not files:
             raise ValueError(f"{model_dir} has no .safetensors files: lazy loading needs safetensors (or GGUF)")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
+        self._where = {}  # key -> (file, data offset, dtype name, shape, length)
+        for path in files:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self._where[key] = (path, 8 + header_len + start, info["dtype"], info["shape"], end - start)
         self._prefix = getattr(model, "base_model_prefix", "")
 
     def tensor(self, name: str) -> torch.Tensor:
         p = self._prefix
         candidates = [name, f"{p}.{name}", name.removeprefix(f"{p}.")] if p else [name]
-        for key in candidates:
-            if key in self._where:
-                return self._where[key].get_tensor(key)
-        raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
+        key = next((k for k in candidates if k in self._where), None)
+        if key is None:
+            raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
+        path, offset, dtype, shape, length = self._where[key]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which sopq cannot read")
+        buffer = bytearray(length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer) != length:
+                raise ValueError(f"{path} is truncated (tensor {key}): fetch the model again")
+        if not length:
+            return torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype])
+        return torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
 class GGUFWeights(LazyWeights):
@@ -184,7 +211,7 @@ class GGUFWeights(LazyWeights):
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
 
-        reader = GGUFReader(str(path))
+        self._reader = reader = GGUFReader(str(path))
         architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
         config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
@@ -204,9 +231,21 @@ class GGUFWeights(LazyWeights):
         t = self._tensors[gguf_name]
         result = self._processor.process(weights=dequantize(t.data, t.tensor_type), name=gguf_name,
                                          tensor_key_mapping=self._hf_name, parsed_parameters={"tensors": {}})
+        self._drop_pages(t)
         if result.name != gguf_name:
             raise ValueError(f"GGUF tensor {gguf_name} needs a merge across tensors (MoE): use calibration.streaming: false")
         return torch.from_numpy(np.copy(result.weights))
+
+    def _drop_pages(self, t) -> None:
+        """Pages of the memory map read for this tensor leave resident memory again (the file
+        stays in the page cache): otherwise the process's memory grows with every block read."""
+        import mmap
+
+        mapped = getattr(self._reader.data, "_mmap", None)
+        if mapped is None:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:
@@ -249,6 +288,32 @@ def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str])
         seen_weights.add(weight_id)
         layers[name] = module
     return layers
+
+
+def read_layer_weights(model_dir, kind: str, include: list[str], exclude: list[str], select=None, *,
+                       trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """{layer: float32 (N, K) weight} of the quantizable layers that `select` picks (a function
+    of the list of all of them, in module order; all if None), read from disk one tensor at a
+    time: nothing else of the model is loaded. Same values as get_weight on load_model's model."""
+    model, _, weights = load_empty_model(model_dir, kind, trust_remote_code=trust_remote_code)
+    layers = quantizable_layers(model, include, exclude)
+    names = list(layers) if select is None else select(list(layers))
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise ValueError(f"not quantizable layers of {model_dir}: {unknown}; rerun the stage that named them")
+    out = {}
+    for name in names:
+        W = weights.tensor(f"{name}.weight").to(torch.float32)
+        out[name] = W.T.contiguous() if isinstance(layers[name], Conv1D) else W
+    return out
+
+
+def layer_shard(names: list[str], shard: int, shards: int) -> list[str]:
+    """Shard `shard` (0-based) of `shards` contiguous, near-equal slices of the layers in module
+    order, so that a shard covers a range of blocks."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    return names[shard * len(names) // shards : (shard + 1) * len(names) // shards]
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

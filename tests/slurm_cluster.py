@@ -1,8 +1,11 @@
 """A throwaway one-node SLURM cluster (munged + slurmctld + slurmd) in a private directory.
 
-No systemd, no accounting database, nothing written under /etc: its own munge key and socket,
-its own slurm.conf (clients find it through SLURM_CONF), free TCP ports. Needs root and the
-Debian packages in system-packages.txt. For trying the slurm profile by hand:
+No systemd, no accounting database: its own munge key and socket, its own slurm.conf, free TCP
+ports. Clients find the slurm.conf through SLURM_CONF, except `srun` inside a job, which the
+Snakemake jobstep plugin starts without SLURM_* variables: for it /etc/slurm/slurm.conf is a
+symbolic link to ours while the cluster runs (only where no slurm.conf is there already: a
+machine with a real SLURM set-up is left alone). Needs root and the Debian packages in
+system-packages.txt. For trying the slurm profile by hand:
 
     python tests/slurm_cluster.py DIR     # starts it, prints `export SLURM_CONF=...`, Ctrl-C stops it
 """
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 
 
 class ClusterUnavailable(RuntimeError):
@@ -77,6 +81,7 @@ class OneNodeCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.procs: dict[str, subprocess.Popen] = {}
+        self._linked_conf = False
         self.env = {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
 
     def start(self, timeout: float = 60) -> None:
@@ -92,17 +97,26 @@ class OneNodeCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o600)
+        if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
+            raise ClusterUnavailable(f"{SYSTEM_CONF} exists: this machine has its own SLURM set-up, left alone")
         host = socket.gethostname().split(".")[0]
         (self.root / "slurm.conf").write_text(_slurm_conf(self.root, host))
-        logs = self.root / "log"
-        self._spawn("munged", [self._exe("munged"), "-F", "--force", f"--key-file={key}",
-                               f"--socket={self.root}/munge/munge.socket", f"--pid-file={self.root}/munge/munged.pid",
-                               f"--log-file={logs}/munged.log", f"--seed-file={self.root}/munge/seed"])
-        self._wait(lambda: (self.root / "munge" / "munge.socket").exists(), timeout, "munged")
-        self._spawn("slurmctld", [self._exe("slurmctld"), "-D", "-i", "-f", str(self.root / "slurm.conf")])
-        self._wait(lambda: self._ok(["scontrol", "ping"], "UP"), timeout, "slurmctld")
-        self._spawn("slurmd", [self._exe("slurmd"), "-D", "-f", str(self.root / "slurm.conf"), "-N", host])
-        self._wait(lambda: self._ok(["sinfo", "-h", "-o", "%T"], "idle"), timeout, "slurmd (node idle)")
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.symlink_to(self.root / "slurm.conf")
+        self._linked_conf = True
+        try:
+            logs = self.root / "log"
+            self._spawn("munged", [self._exe("munged"), "-F", "--force", f"--key-file={key}",
+                                   f"--socket={self.root}/munge/munge.socket", f"--pid-file={self.root}/munge/munged.pid",
+                                   f"--log-file={logs}/munged.log", f"--seed-file={self.root}/munge/seed"])
+            self._wait(lambda: (self.root / "munge" / "munge.socket").exists(), timeout, "munged")
+            self._spawn("slurmctld", [self._exe("slurmctld"), "-D", "-i", "-f", str(self.root / "slurm.conf")])
+            self._wait(lambda: self._ok(["scontrol", "ping"], "UP"), timeout, "slurmctld")
+            self._spawn("slurmd", [self._exe("slurmd"), "-D", "-f", str(self.root / "slurm.conf"), "-N", host])
+            self._wait(lambda: self._ok(["sinfo", "-h", "-o", "%T"], "idle"), timeout, "slurmd (node idle)")
+        except BaseException:
+            self.stop()  # never leave daemons or the /etc link behind
+            raise
 
     def stop(self) -> None:
         """Stop the daemons this object started (only those, by pid), newest first."""
@@ -116,6 +130,9 @@ class OneNodeCluster:
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+        if self._linked_conf and SYSTEM_CONF.is_symlink():
+            SYSTEM_CONF.unlink()
+        self._linked_conf = False
 
     def log_tail(self, lines: int = 30) -> str:
         out = []

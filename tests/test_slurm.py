@@ -4,11 +4,11 @@ results equal a local run's. Skipped, with the reason, where the daemons cannot 
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from slurm_cluster import ClusterUnavailable, OneNodeCluster
 from test_workflow import REPO, planned_jobs, tiny_config, write_config
@@ -22,11 +22,15 @@ TARGETS = [f"results/{FAMILY}/{name}" for name in ("eval.parquet", "kernel.parqu
 TABLES = ["calib/stats.parquet", "importance.parquet", "sensitivity.parquet", "plan.parquet",
           "eval.parquet", "eval_layers.parquet"]
 PACKED = "packed/model.safetensors"
+# Rules whose threads the slurm profile sets: the test node has 2 CPUs.
+LOCAL_RULES = ("sensitivity", "fit")
+THREADED_RULES = ("calibrate", "importance", "sensitivity_shard", "fit_shard", "kernel", "evaluate")
 
 
 def run_snakemake(workdir: Path, configfile: Path, *args: str, env=None) -> str:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(configfile), *args, *TARGETS]
+    # Targets first: several options take any number of values.
+    cmd = [sys.executable, "-m", "snakemake", *TARGETS, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-10000:]
@@ -52,6 +56,8 @@ def runs(cluster, tmp_path_factory):
         work = tmp_path_factory.mktemp(where)
         config = tiny_config(work)
         config["families"] = {FAMILY: config["families"][FAMILY]}
+        if where == "slurm":  # per-layer stages fanned out: the results must not change
+            config["families"][FAMILY]["shards"] = 2
         dirs[where] = (work, write_config(work / "test.yaml", config))
 
     run_snakemake(*dirs["local"], "--cores", "2")
@@ -59,33 +65,37 @@ def runs(cluster, tmp_path_factory):
     output = run_snakemake(
         *dirs["slurm"],
         "--profile", str(REPO / "profiles" / "slurm"),
-        "--jobs", "2",
+        "--jobs", "2", "--cores", node_cpus, "--max-threads", node_cpus,
         # The test cluster has no accounting database and no GPU.
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "1",
         "--set-resources", "kernel:gpu=0",
-        "--set-threads", *(f"{rule}={node_cpus}" for rule in ("calibrate", "importance", "sensitivity", "fit", "kernel", "evaluate")),
+        "--set-threads", *(f"{rule}={node_cpus}" for rule in THREADED_RULES),
         env=cluster.env,
     )
     return dirs["local"][0], dirs["slurm"][0], output
 
 
-def submitted_jobs(cluster) -> list[str]:
-    """The rule of every job the cluster has seen (finished ones included: MinJobAge keeps them)."""
-    result = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%k %T"],
+def sbatch_states(cluster) -> list[str]:
+    """The state of every job the cluster has seen (finished ones included: MinJobAge keeps them)."""
+    result = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%T"],
                             capture_output=True, text=True, env=cluster.env, check=True)
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
-    assert all(state == "COMPLETED" for _, state in rows), result.stdout
-    return [re.match(r"rule_(\w+?)(_wildcards_.*)?$", comment)[1] for comment, _ in rows]
+    return result.stdout.split()
 
 
 def test_every_job_went_through_sbatch(cluster, runs):
     _, work, output = runs
-    stats = planned_jobs(output)
-    jobs = submitted_jobs(cluster)
-    assert sorted(jobs) == sorted(rule for rule, n in stats.items() for _ in range(n))
-    # One SLURM log per job, kept where the profile puts them.
-    assert len(list((work / "logs" / "slurm").rglob("*.log"))) == len(jobs)
+    planned = planned_jobs(output)
+    # The SLURM log of each sbatch job (the profile keeps them) shows the rules it ran.
+    logs = sorted((work / "logs" / "slurm").rglob("*.log"))
+    states = sbatch_states(cluster)
+    assert len(states) == len(logs) and set(states) == {"COMPLETED"}, states
+    ran = Counter(rule for log in logs for rule in re.findall(r"^rule (\w+):$", log.read_text(), re.M))
+    assert ran == Counter({rule: n for rule, n in planned.items() if rule not in LOCAL_RULES})
+    assert all(planned[rule] == 1 for rule in LOCAL_RULES)  # the shard merges ran on the submitting node
+    # The two shards of each per-layer stage went to the cluster as one group job.
+    assert len(logs) == sum(ran.values()) - 2
+    assert {log.parent.name for log in logs} >= {"group_sensitivity_shards", "group_fit_shards"}
 
 
 def test_slurm_results_equal_local(runs):
