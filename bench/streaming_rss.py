@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_size: int) -> None:
-    from sopq.calibrate import collect_stats, collect_stats_streaming
+    """One calibration as the calibrate stage does it, outputs written to a scratch directory."""
+    import pandas as pd
+
+    from sopq.calibrate import collect_stats, stream_block_stats
+    from sopq.io import safetensors_stream, save_safetensors, write_parquet
     from sopq.model import load_empty_model, load_model, quantizable_layers, token_sequences
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -30,6 +35,7 @@ def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_
 
     text = sample_text(20000)
     exclude = ["lm_head", "embed", "pooler"]
+    out = Path(tempfile.mkdtemp())
     if mode == "floor":
         from transformers import AutoTokenizer
 
@@ -39,12 +45,22 @@ def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_
         token_sequences(tokenizer, text, n_seq, seq_len)
     elif mode == "whole":
         model, tokenizer = load_model(model_dir, kind)
-        collect_stats(model, quantizable_layers(model, [".*"], exclude), token_sequences(tokenizer, text, n_seq, seq_len),
-                      batch_size, progress=False)
+        stats, grams = collect_stats(model, quantizable_layers(model, [".*"], exclude),
+                                     token_sequences(tokenizer, text, n_seq, seq_len), batch_size, progress=False)
+        save_safetensors(grams, out / "grams.safetensors")
+        write_parquet(stats, out / "stats.parquet")
     else:
         model, tokenizer, weights = load_empty_model(model_dir, kind)
-        collect_stats_streaming(model, weights, quantizable_layers(model, [".*"], exclude),
-                                token_sequences(tokenizer, text, n_seq, seq_len), batch_size, progress=False)
+        frames = []
+        with safetensors_stream(out / "grams.safetensors") as add:
+            for frame, grams in stream_block_stats(model, weights, quantizable_layers(model, [".*"], exclude),
+                                                   token_sequences(tokenizer, text, n_seq, seq_len), batch_size,
+                                                   progress=False):
+                frames.append(frame)
+                for key, gram in grams.items():
+                    add(key, gram)
+        write_parquet(pd.concat(frames, ignore_index=True), out / "stats.parquet")
+    shutil.rmtree(out)
 
 
 def measure(mode: str, model_dir: Path, kind: str, args) -> tuple[float, float]:

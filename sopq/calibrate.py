@@ -86,19 +86,23 @@ class _StatsRecorder:
     def new_pass(self) -> None:
         self.live.clear()
 
-    def table(self) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-        unused = [name for name in self.layers if name not in self.leader_of]
+    def table(self, names=None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+        """(stats rows, {gram_key: float32 Gram}) of these layers (all if None), whose inputs
+        must have been seen in full; their accumulators are freed, so a block-by-block caller
+        holds one block's at a time. A shared input's layers must all be among `names`."""
+        names = list(self.layers) if names is None else names
+        unused = [name for name in names if name not in self.leader_of]
         if unused:
             raise ValueError(f"layers never called in the forward pass (exclude them): {unused}")
         order = {name: i for i, name in enumerate(self.layers)}
         # Name each shared input after its first member in module order, not call order.
         members: dict[str, list[str]] = {}
-        for name in self.layers:
+        for name in names:
             members.setdefault(self.leader_of[name], []).append(name)
         gram_key = {name: min(group, key=order.get) for group in members.values() for name in group}
 
         frames, grams = [], {}
-        for name in self.layers:
+        for name in names:
             acc = self.inputs[self.leader_of[name]]
             key = gram_key[name]
             if key not in grams:
@@ -118,6 +122,8 @@ class _StatsRecorder:
                     }
                 )
             )
+        for leader in members:
+            del self.inputs[leader]
         return pd.concat(frames, ignore_index=True), grams
 
 
@@ -168,7 +174,6 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-@torch.no_grad()
 def collect_stats_streaming(
     model: nn.Module,
     weights,
@@ -177,7 +182,26 @@ def collect_stats_streaming(
     batch_size: int,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-    """collect_stats for a model whose parameters are on the meta device (sopq.model.load_empty_model).
+    """collect_stats for a model whose parameters are on the meta device, all results in memory
+    (see stream_block_stats, which hands them over block by block)."""
+    frames, grams = [], {}
+    for frame, block_grams in stream_block_stats(model, weights, layers, sequences, batch_size, progress):
+        frames.append(frame)
+        grams.update(block_grams)
+    return pd.concat(frames, ignore_index=True), grams
+
+
+@torch.no_grad()
+def stream_block_stats(
+    model: nn.Module,
+    weights,
+    layers: dict[str, nn.Module],
+    sequences: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+):
+    """Yield (stats rows, {gram_key: Gram}) block after block, for a model whose parameters are
+    on the meta device (sopq.model.load_empty_model); together they equal collect_stats' results.
 
     One block in memory at a time, GPTQ-style: a first pass through the model runs block 0 and
     records the arguments the model gives every block besides the hidden states (masks, position
@@ -185,7 +209,8 @@ def collect_stats_streaming(
     pass stopped after the last; then block i is read from disk, run on block i-1's outputs while
     its layers' statistics are recorded, and released. Peak memory: the weights outside the
     blocks that run before them (embeddings) or one block, whichever is larger, plus the
-    calibration activations (two copies).
+    calibration activations (two copies) and one block's statistics: the caller writes each
+    block's out before the next is computed.
     The statistics equal collect_stats' up to float rounding (the same operations in the same order).
     """
     recorder = _StatsRecorder(layers)
@@ -238,6 +263,7 @@ def collect_stats_streaming(
             weights.release(module, recurse=False)
         weights.release(blocks[0])
     progress_bar.update()
+    yield recorder.table(_names_in(layers, block_names[0]))
 
     hidden = [_hidden_states(out) for out in first_outputs]
     for i in range(1, len(blocks)):
@@ -251,8 +277,8 @@ def collect_stats_streaming(
         block_args[i] = None
         hidden = outputs
         progress_bar.update()
+        yield recorder.table(_names_in(layers, block_names[i]))
     progress_bar.close()
-    return recorder.table()
 
 
 def load_gram(path, gram_key: str) -> torch.Tensor:

@@ -11,15 +11,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sopq.fetch import model_files
+from sopq.io import SAFETENSORS_DTYPES
 
 KINDS = ("causal_lm", "encoder")
 
 
-def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
-    """Load (model, tokenizer) from an HF directory or a directory holding exactly one GGUF file.
-
-    The model is float32 and in eval mode; GGUF weights are dequantized by transformers.
-    """
+def _model_source(model_dir, kind: str):
+    """(model directory, from_pretrained's extra arguments, the Auto class for the kind)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
@@ -29,8 +27,15 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
         raise ValueError(f"model directory {model_dir} does not exist: run the fetch stage or fix the path")
     _, gguf_file = model_files(model_dir)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return model_dir, extra, AutoModelForCausalLM if kind == "causal_lm" else AutoModel
 
-    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+
+def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from an HF directory or a directory holding exactly one GGUF file.
+
+    The model is float32 and in eval mode; GGUF weights are dequantized by transformers.
+    """
+    model_dir, extra, auto = _model_source(model_dir, kind)
     try:
         model = auto.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
@@ -87,22 +92,15 @@ def load_empty_model(model_dir, kind: str, *, trust_remote_code: bool = False):
     file, with the same names, values and dtype (float32) as `load_model` gives.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ValueError(f"model directory {model_dir} does not exist: run the fetch stage or fix the path")
-    _, gguf_file = model_files(model_dir)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model_dir, extra, auto = _model_source(model_dir, kind)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
-    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
-    weights = GGUFWeights(model_dir / gguf_file, model) if gguf_file else SafetensorsWeights(model_dir, model)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    weights = GGUFWeights(model_dir / extra["gguf_file"], model) if extra else SafetensorsWeights(model_dir, model)
     return model, tokenizer, weights
 
 
@@ -146,13 +144,6 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
 class SafetensorsWeights(LazyWeights):
     """An HF directory's *.safetensors files (sharded or not), each tensor read when asked for.
 
@@ -187,7 +178,7 @@ class SafetensorsWeights(LazyWeights):
         if key is None:
             raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
         path, offset, dtype, shape, length = self._where[key]
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which sopq cannot read")
         buffer = bytearray(length)
         with open(path, "rb") as f:
@@ -195,8 +186,8 @@ class SafetensorsWeights(LazyWeights):
             if f.readinto(buffer) != length:
                 raise ValueError(f"{path} is truncated (tensor {key}): fetch the model again")
         if not length:
-            return torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype])
-        return torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[dtype]).reshape(shape)
+            return torch.empty(shape, dtype=getattr(torch, SAFETENSORS_DTYPES[dtype]))
+        return torch.frombuffer(buffer, dtype=getattr(torch, SAFETENSORS_DTYPES[dtype])).reshape(shape)
 
 
 class GGUFWeights(LazyWeights):
@@ -219,7 +210,7 @@ class GGUFWeights(LazyWeights):
         self._tensors = {t.name: t for t in reader.tensors}
         self._gguf_name = {hf: gguf for gguf, hf in self._hf_name.items()}
         # A weight the model ties to another (lm_head to the embedding) may have no tensor of its own.
-        self._tied = {name: source for name, source in _tied_names(model).items()}
+        self._tied = _tied_names(model)
 
     def tensor(self, name: str) -> torch.Tensor:
         import numpy as np

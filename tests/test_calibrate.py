@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from sopq.calibrate import collect_stats, collect_stats_streaming, load_gram
@@ -144,8 +145,9 @@ def test_load_gram_reads_one_tensor(tmp_path):
         load_gram(path, "x.k")
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path, streaming):
+def run_calibrate_script(llama_dir, tmp_path, streaming):
+    """Run workflow/scripts/calibrate.py on the tiny llama, check its outputs; (stats, grams path)."""
+    tmp_path.mkdir(exist_ok=True)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(2000))
     out = tmp_path / "calib"
@@ -167,6 +169,24 @@ def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path, streaming):
     torch.testing.assert_close(gram.diagonal(), torch.tensor(mean_sq, dtype=torch.float32))
     log = (tmp_path / "calibrate.log").read_text()
     assert ("calibrate (blocks): 100%" if streaming else "calibrate: 100%") in log  # the progress bar went to the log
+    return stats, out / "grams.safetensors"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path, streaming):
+    run_calibrate_script(llama_dir, tmp_path, streaming)
+
+
+def test_workflow_script_streaming_writes_the_same_files(llama_dir, tmp_path):
+    """The block-by-block writer (safetensors written one tensor at a time) gives the same file
+    contents as writing all Grams at once."""
+    stats, grams = run_calibrate_script(llama_dir, tmp_path / "whole", False)
+    s_stats, s_grams = run_calibrate_script(llama_dir, tmp_path / "streaming", True)
+    pd.testing.assert_frame_equal(s_stats, stats, check_exact=True)
+    with safe_open(str(grams), "pt") as whole, safe_open(str(s_grams), "pt") as streamed:
+        assert sorted(streamed.keys()) == sorted(whole.keys())
+        for key in whole.keys():
+            assert torch.equal(streamed.get_tensor(key), whole.get_tensor(key)), key
 
 
 def stats_both_ways(model_dir, kind, exclude, batch_size=2):
