@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python bench/streaming_rss.py [--depths 4 16] [--hidden 1024] [--real DIR:KIND ...]
 
-Each measurement runs in a fresh process (load the model, calibrate, exit) and reads that
-process's peak RSS from the kernel (wait4 rusage). The floor is a process that imports the same
+Each measurement runs in a fresh process (load the model, calibrate, write the outputs) that
+reports its peak resident memory (VmHWM) as it ends. The floor is a process that imports the same
 libraries and loads the tokenizer only. Models: random Llamas (tests/tiny_models.py) of one
 width at several depths, saved as safetensors; --real adds local model directories (HF or GGUF).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_size: int) -> None:
-    """One calibration as the calibrate stage does it, outputs written to a scratch directory."""
+def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_size: int, out: str) -> None:
+    """One calibration as the calibrate stage does it, outputs written to `out`."""
     import pandas as pd
 
     from sopq.calibrate import collect_stats, stream_block_stats
@@ -35,7 +34,7 @@ def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_
 
     text = sample_text(20000)
     exclude = ["lm_head", "embed", "pooler"]
-    out = Path(tempfile.mkdtemp())
+    out = Path(out)
     if mode == "floor":
         from transformers import AutoTokenizer
 
@@ -60,20 +59,36 @@ def child(mode: str, model_dir: str, kind: str, n_seq: int, seq_len: int, batch_
                 for key, gram in grams.items():
                     add(key, gram)
         write_parquet(pd.concat(frames, ignore_index=True), out / "stats.parquet")
-    shutil.rmtree(out)
+    # This process's own peak (VmHWM): rusage of a child would also count the parent's memory
+    # at fork time.
+    status = Path("/proc/self/status").read_text()
+    print(next(line for line in status.splitlines() if line.startswith("VmHWM:")), flush=True)
 
 
-def measure(mode: str, model_dir: Path, kind: str, args) -> tuple[float, float]:
+def measure(mode: str, model_dir: Path, kind: str, args, out: Path) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, str(model_dir), kind,
-                             str(args.n_seq), str(args.seq_len), str(args.batch_size)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{mode} on {model_dir} failed:\n{err[-3000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+    out.mkdir(parents=True)
+    result = subprocess.run([sys.executable, __file__, "--child", mode, str(model_dir), kind,
+                             str(args.n_seq), str(args.seq_len), str(args.batch_size), str(out)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{mode} on {model_dir} failed:\n{result.stderr[-3000:]}")
+    peak_kib = int(result.stdout.split("VmHWM:")[1].split()[0])
+    return peak_kib / 1024, time.perf_counter() - start
+
+
+def identical(a: Path, b: Path) -> str:
+    """'yes' where both runs wrote bitwise-equal statistics and Gram matrices."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    stats_a, stats_b = pd.read_parquet(a / "stats.parquet"), pd.read_parquet(b / "stats.parquet")
+    grams_a, grams_b = load_file(a / "grams.safetensors"), load_file(b / "grams.safetensors")
+    same = stats_a.equals(stats_b) and grams_a.keys() == grams_b.keys() and all(
+        torch.equal(grams_a[k], grams_b[k]) for k in grams_a)
+    return "yes" if same else "NO"
 
 
 def weights_mib(model_dir: Path) -> float:
@@ -82,8 +97,8 @@ def weights_mib(model_dir: Path) -> float:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        mode, model_dir, kind, n_seq, seq_len, batch_size = sys.argv[2:8]
-        return child(mode, model_dir, kind, int(n_seq), int(seq_len), int(batch_size))
+        mode, model_dir, kind, n_seq, seq_len, batch_size, out = sys.argv[2:9]
+        return child(mode, model_dir, kind, int(n_seq), int(seq_len), int(batch_size), out)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -98,8 +113,8 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; {args.n_seq} sequences x {args.seq_len} tokens, batch {args.batch_size}")
-    print("| model | blocks | weights MiB | floor MiB | whole-model peak MiB | streaming peak MiB | streaming / whole | above floor: whole, streaming |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | blocks | weights MiB | floor MiB | whole-model peak MiB | streaming peak MiB | streaming / whole | above floor: whole, streaming | outputs identical | s whole, streaming |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         models = []
         for depth in args.depths:
@@ -115,13 +130,15 @@ def main() -> None:
             from transformers import AutoConfig
             config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
             models.append((f"{Path(path).name}{' (GGUF)' if gguf_file else ''}", Path(path), kind, config.num_hidden_layers))
-        for name, d, kind, depth in models:
-            floor, _ = measure("floor", d, kind, args)
-            whole, t_whole = measure("whole", d, kind, args)
-            stream, t_stream = measure("stream", d, kind, args)
+        for i, (name, d, kind, depth) in enumerate(models):
+            outs = {mode: Path(tmp) / f"out{i}" / mode for mode in ("floor", "whole", "stream")}
+            floor, _ = measure("floor", d, kind, args, outs["floor"])
+            whole, t_whole = measure("whole", d, kind, args, outs["whole"])
+            stream, t_stream = measure("stream", d, kind, args, outs["stream"])
+            same = identical(outs["whole"], outs["stream"])
             size = weights_mib(d) or sum(p.stat().st_size for p in d.glob("*.gguf")) / 2**20
             print(f"| {name} | {depth} | {size:,.0f} | {floor:,.0f} | {whole:,.0f} | {stream:,.0f} | {stream / whole:.2f} | "
-                  f"{whole - floor:,.0f}, {stream - floor:,.0f} |", flush=True)
+                  f"{whole - floor:,.0f}, {stream - floor:,.0f} | {same} | {t_whole:.0f}, {t_stream:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

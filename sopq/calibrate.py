@@ -158,6 +158,21 @@ class _StopForward(Exception):
     pass
 
 
+def _fixed_mmap_threshold(size: int = 1 << 16) -> None:
+    """Serve every allocation of `size` bytes or more with its own memory map (glibc), so a freed
+    block's weights and statistics go back to the system at once. By default glibc raises this
+    threshold after the first large free, and later blocks' tensors land on a heap that frees
+    nothing: measured, peak memory then grows with depth (bench/RESULTS-streaming.md)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:
+        M_MMAP_THRESHOLD = -3
+        mallopt(M_MMAP_THRESHOLD, size)
+
+
 def _hidden_states(block_output):
     return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
 
@@ -215,6 +230,7 @@ def stream_block_stats(
     """
     recorder = _StatsRecorder(layers)
     _check_batch_size(batch_size)
+    _fixed_mmap_threshold()
     prefix, blocks = _blocks(model)
     block_names = [f"{prefix}.{i}." for i in range(len(blocks))]
     outside = [name for name in layers if not any(name.startswith(b) for b in block_names)]

@@ -304,6 +304,8 @@ def layer_shard(names: list[str], shard: int, shards: int) -> list[str]:
     order, so that a shard covers a range of blocks."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    if shards > len(names):
+        raise ValueError(f"shards: {shards} is more than the {len(names)} layers: lower the family's shards")
     return names[shard * len(names) // shards : (shard + 1) * len(names) // shards]
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from slurm_cluster import ClusterUnavailable, OneNodeCluster
-from test_workflow import REPO, planned_jobs, tiny_config, write_config
+from test_workflow import REPO, planned_jobs, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -22,8 +22,9 @@ TARGETS = [f"results/{FAMILY}/{name}" for name in ("eval.parquet", "kernel.parqu
 TABLES = ["calib/stats.parquet", "importance.parquet", "sensitivity.parquet", "plan.parquet",
           "eval.parquet", "eval_layers.parquet"]
 PACKED = "packed/model.safetensors"
-# Rules whose threads the slurm profile sets: the test node has 2 CPUs.
+# The shard merges: local rules, run by the submitting Snakemake.
 LOCAL_RULES = ("sensitivity", "fit")
+# Rules whose threads the slurm profile sets: the test node has 2 CPUs.
 THREADED_RULES = ("calibrate", "importance", "sensitivity_shard", "fit_shard", "kernel", "evaluate")
 
 
@@ -49,21 +50,18 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
-    """(local workdir, slurm workdir, the slurm run's output)."""
-    dirs = {}
-    for where in ("local", "slurm"):
-        work = tmp_path_factory.mktemp(where)
-        config = tiny_config(work)
-        config["families"] = {FAMILY: config["families"][FAMILY]}
-        if where == "slurm":  # per-layer stages fanned out: the results must not change
-            config["families"][FAMILY]["shards"] = 2
-        dirs[where] = (work, write_config(work / "test.yaml", config))
-
-    run_snakemake(*dirs["local"], "--cores", "2")
+def runs(tiny_workflow, cluster, tmp_path_factory):
+    """(local workdir, slurm workdir, the slurm run's output). The local run is the session's
+    tiny workflow run; the slurm run takes one of its families, with the per-layer stages split
+    in two shards."""
+    local, config, local_configfile = tiny_workflow
+    # Whatever a test before this one removed from the local run comes back (a no-op otherwise).
+    run_snakemake(local, local_configfile, "--cores", "2")
+    work = tmp_path_factory.mktemp("slurm")
+    config = {**config, "families": {FAMILY: {**config["families"][FAMILY], "shards": 2}}}
     node_cpus = "2"
     output = run_snakemake(
-        *dirs["slurm"],
+        work, write_config(work / "test.yaml", config),
         "--profile", str(REPO / "profiles" / "slurm"),
         "--jobs", "2", "--cores", node_cpus, "--max-threads", node_cpus,
         # The test cluster has no accounting database and no GPU.
@@ -73,7 +71,7 @@ def runs(cluster, tmp_path_factory):
         "--set-threads", *(f"{rule}={node_cpus}" for rule in THREADED_RULES),
         env=cluster.env,
     )
-    return dirs["local"][0], dirs["slurm"][0], output
+    return local, work, output
 
 
 def sbatch_states(cluster) -> list[str]:

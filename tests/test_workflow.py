@@ -66,13 +66,18 @@ def tiny_config(work: Path) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
+def run_tiny_workflow(work: Path) -> tuple[Path, dict, Path]:
+    """The tiny config run end to end in `work`: (work, config, config file)."""
     config = tiny_config(work)
     configfile = write_config(work / "test.yaml", config)
     snakemake(work, configfile, "results/report.html")
     return work, config, configfile
+
+
+@pytest.fixture(scope="module")
+def run(tiny_workflow):
+    """One run for the session (conftest.py), shared with the tests that compare against it."""
+    return tiny_workflow
 
 
 def test_every_stage_wrote_its_contract(run):
