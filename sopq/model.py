@@ -110,6 +110,13 @@ class LazyWeights:
     def tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def parameter(self, name: str) -> torch.Tensor:
+        """tensor(name) as float32, refused (as load_model refuses it) if it has NaN or Inf entries."""
+        value = self.tensor(name).to(torch.float32)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} has NaN or Inf entries; the checkpoint is damaged: fix or re-fetch it")
+        return value
+
     def materialize(self, model: nn.Module, module: nn.Module, recurse: bool = True) -> None:
         """Read `module`'s parameters (a submodule of `model`) from disk into it, as float32."""
         prefix = _qualified_name(model, module)
@@ -117,7 +124,7 @@ class LazyWeights:
             if not param.is_meta:
                 continue
             owner, attr = _owner(module, name)
-            value = self.tensor(f"{prefix}{name}").to(torch.float32)
+            value = self.parameter(f"{prefix}{name}")
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"{prefix}{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
             setattr(owner, attr, nn.Parameter(value, requires_grad=False))
@@ -294,7 +301,7 @@ def read_layer_weights(model_dir, kind: str, include: list[str], exclude: list[s
         raise ValueError(f"not quantizable layers of {model_dir}: {unknown}; rerun the stage that named them")
     out = {}
     for name in names:
-        W = weights.tensor(f"{name}.weight").to(torch.float32)
+        W = weights.parameter(f"{name}.weight")
         out[name] = W.T.contiguous() if isinstance(layers[name], Conv1D) else W
     return out
 

@@ -11,7 +11,7 @@ from torch import nn
 from sopq.calibrate import collect_stats, collect_stats_streaming, load_gram
 from sopq.io import save_safetensors
 from sopq.model import load_empty_model, load_model, quantizable_layers, run_model, token_sequences
-from tiny_models import make_tiny_bert, make_tiny_llama, sample_text
+from tiny_models import make_tiny_bert, make_tiny_gguf, make_tiny_llama, sample_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,13 @@ def stats_both_ways(model_dir, kind, exclude, batch_size=2):
     return whole, streamed
 
 
-@pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder")])
+def make_tiny_gguf_dir(path):
+    """A directory holding one tiny llama GGUF (float32 tensors, q/k rows permuted as llama.cpp does)."""
+    return make_tiny_gguf(Path(path) / "tiny.gguf").parent
+
+
+@pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),
+                                        (make_tiny_gguf_dir, "causal_lm")])
 def test_streaming_equals_whole_model(tmp_path, make, kind):
     """Block by block gives the very same numbers: the same operations on the same inputs, in the
     same order (tolerance 0; the real SmolLM2 GGUF, MiniLM and MPNet agree bitwise too, see

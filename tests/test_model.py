@@ -183,3 +183,14 @@ def test_read_layer_weights_equals_the_loaded_model(tmp_path, make, kind):
     assert list(second) == layer_shard(list(layers), 1, 2)
     with pytest.raises(ValueError, match="not quantizable layers"):
         read_layer_weights(model_dir, kind, [".*"], ["lm_head", "embed"], lambda names: ["no.such.layer"])
+
+
+def test_lazily_read_nan_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_llama(tmp_path / "model")
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight has NaN or Inf entries"):
+        read_layer_weights(model_dir, "causal_lm", [".*"], ["lm_head"])
