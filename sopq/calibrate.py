@@ -158,19 +158,30 @@ class _StopForward(Exception):
     pass
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def _fixed_mmap_threshold(size: int = 1 << 16) -> None:
     """Serve every allocation of `size` bytes or more with its own memory map (glibc), so a freed
     block's weights and statistics go back to the system at once. By default glibc raises this
     threshold after the first large free, and later blocks' tensors land on a heap that frees
     nothing: measured, peak memory then grows with depth (bench/RESULTS-streaming.md)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
-    if mallopt is not None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         M_MMAP_THRESHOLD = -3
-        mallopt(M_MMAP_THRESHOLD, size)
+        libc.mallopt(M_MMAP_THRESHOLD, size)
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the system (glibc malloc_trim) after a block."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _hidden_states(block_output):
@@ -291,6 +302,7 @@ def stream_block_stats(
                 outputs.append(_hidden_states(blocks[i](x, *args, **kwargs)))
         weights.release(blocks[i])
         block_args[i] = None
+        _trim_heap()
         hidden = outputs
         progress_bar.update()
         yield recorder.table(_names_in(layers, block_names[i]))

@@ -248,6 +248,19 @@ if pattern:
             os.truncate(filename, os.path.getsize(filename) // 2)
             os.killpg(os.getpgrp(), signal.SIGKILL)
     safetensors.torch.save_file = save_file
+
+    # The streaming calibrate stage writes its Gram matrices tensor by tensor (sopq.io):
+    # killed once every tensor is in its scratch data file, before the file is assembled.
+    import contextlib
+    import sopq.io
+    original_stream = sopq.io.safetensors_stream
+    @contextlib.contextmanager
+    def safetensors_stream(path, *args, **kwargs):
+        with original_stream(path, *args, **kwargs) as add:
+            yield add
+            if re.search(pattern, str(path)):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+    sopq.io.safetensors_stream = safetensors_stream
 """
 
 
@@ -274,8 +287,9 @@ def test_sigkill_mid_write_then_resume_equals_an_uninterrupted_run(run, tmp_path
 
     killed_run(second, configfile, tmp_path / "hook", r"grams\.safetensors$", target)
     assert not (results / "calib" / "grams.safetensors").exists()
-    # The half-written file is there, but only in the writer's hidden temporary folder.
-    assert list((results / "calib").glob(".grams.safetensors.*/grams.safetensors"))
+    # The half-written file (or the streaming writer's scratch data) is there, but only in the
+    # writer's hidden temporary folder.
+    assert list((results / "calib").glob(".grams.safetensors.*/grams.safetensors*"))
     assert not (results / "sensitivity.parquet").exists()
 
     snakemake(second, configfile, "--unlock")
