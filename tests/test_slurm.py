@@ -23,9 +23,9 @@ TABLES = ["calib/stats.parquet", "importance.parquet", "sensitivity.parquet", "p
           "eval.parquet", "eval_layers.parquet"]
 PACKED = "packed/model.safetensors"
 # The shard merges: local rules, run by the submitting Snakemake.
-LOCAL_RULES = ("sensitivity", "fit")
+LOCAL_RULES = ("sensitivity",)
 # Rules whose threads the slurm profile sets: the test node has 2 CPUs.
-THREADED_RULES = ("calibrate", "importance", "sensitivity_shard", "fit_shard", "kernel", "evaluate")
+THREADED_RULES = ("calibrate", "importance", "sensitivity_shard", "kernel", "evaluate")
 
 
 def run_snakemake(workdir: Path, configfile: Path, *args: str, env=None) -> str:
@@ -92,10 +92,10 @@ def test_every_job_went_through_sbatch(cluster, runs):
     ran = Counter(rule for log in logs for rule in re.findall(r"^localrule (\w+):$", log.read_text(), re.M))
     assert ran == Counter({rule: n for rule, n in planned.items() if rule not in LOCAL_RULES})
     assert all(planned[rule] == 1 for rule in LOCAL_RULES)  # the shard merges ran on the submitting node
-    # The two shards of each per-layer stage went to the cluster as one group job.
-    assert len(logs) == sum(ran.values()) - 2
+    # The two sensitivity shards went to the cluster as one group job.
+    assert len(logs) == sum(ran.values()) - 1
     groups = {log.parent.name for log in logs if log.parent.name.startswith("group_")}
-    assert {g.split("_shards")[0] for g in groups} == {"group_sensitivity", "group_fit"}, groups
+    assert {g.split("_shards")[0] for g in groups} == {"group_sensitivity"}, groups
 
 
 def test_slurm_results_equal_local(runs):

@@ -310,7 +310,7 @@ def test_budget_change_reruns_only_promotion_onwards(run):
     changed = write_config(work / "budget.yaml", {**config, "budget_bpw": config["budget_bpw"] + 0.5})
     jobs = planned_jobs(snakemake(work, changed, "-n", "results/report.html"))
     families = len(config["families"])
-    assert jobs == {**{r: families for r in ["promote", "fit_shard", "fit", "pack", "kernel", "evaluate"]}, "report": 1}
+    assert jobs == {**{r: families for r in ["promote", "fit", "pack", "kernel", "evaluate"]}, "report": 1}
 
 
 def test_single_stage_rerun(run):
