@@ -10,9 +10,11 @@ rule calibrate:
         n_seq=config["calibration"]["n_seq"],
         seq_len=config["calibration"]["seq_len"],
         batch_size=config["calibration"]["batch_size"],
+        streaming=config["calibration"].get("streaming", True),
     threads: workflow.cores
     resources:
         mem_mb=8000,
+        runtime=240,
     conda:
         "../envs/sopq.yaml"
     log:

@@ -34,3 +34,27 @@ MODEL_PARAMS = {
     "include": config["layers"]["include"],
     "exclude": config["layers"]["exclude"],
 }
+
+
+# The per-layer stage (sensitivity) runs as `shards` jobs per family (a per-family config key,
+# default 1), each on a contiguous range of layers; a small local job merges the parts.
+def n_shards(family_name):
+    return config["families"][family_name].get("shards", 1)
+
+
+def shard_parts(pattern):
+    """Input function: the pattern for every shard of the wildcards' family."""
+    return lambda wildcards: expand(pattern, family=wildcards.family, shard=range(n_shards(wildcards.family)))
+
+
+def shard_param(wildcards):
+    """(this shard, number of shards) for sopq.model.layer_shard."""
+    return int(wildcards.shard), n_shards(wildcards.family)
+
+
+wildcard_constraints:
+    shard=r"\d+",
+
+
+localrules:
+    sensitivity,

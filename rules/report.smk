@@ -15,7 +15,8 @@ rule report:
         kernel=per_family("results/{family}/kernel.parquet"),
         pareto=per_family("results/{family}/pareto.parquet"),
         benchmarks=expand("benchmarks/{family}/{stage}.tsv", family=FAMILIES, stage=FAMILY_STAGES)
-        + ["benchmarks/fetch_text.tsv"],
+        + ["benchmarks/fetch_text.tsv"]
+        + [f for fam in FAMILIES for f in expand("benchmarks/{family}/sensitivity_shard{shard}.tsv", family=fam, shard=range(n_shards(fam)))],
     output:
         report("results/report.html", caption="../workflow/report/report.rst", category="Report"),
     params:

@@ -17,6 +17,7 @@ rule importance:
     threads: workflow.cores
     resources:
         mem_mb=8000,
+        runtime=240,
     conda:
         "../envs/sopq.yaml"
     log:
@@ -27,21 +28,44 @@ rule importance:
         "../workflow/scripts/importance.py"
 
 
-rule sensitivity:
+# One shard: the layers of a range of blocks, each read from disk alone (see common.smk).
+rule sensitivity_shard:
     input:
         model="resources/models/{family}",
         stats="results/{family}/calib/stats.parquet",
         grams="results/{family}/calib/grams.safetensors",
         importance="results/{family}/importance.parquet",
     output:
-        table="results/{family}/sensitivity.parquet",
-        fits=directory("results/{family}/fits"),
+        table="results/{family}/sensitivity/shard{shard}.parquet",
+        fits=directory("results/{family}/sensitivity/fits{shard}"),
     params:
         **MODEL_PARAMS,
+        shard=shard_param,
         quantization=config["quantization"],
     threads: workflow.cores
     resources:
         mem_mb=8000,
+        runtime=240,
+    group:
+        "sensitivity_shards"
+    conda:
+        "../envs/sopq.yaml"
+    log:
+        "logs/{family}/sensitivity_shard{shard}.log",
+    benchmark:
+        "benchmarks/{family}/sensitivity_shard{shard}.tsv"
+    script:
+        "../workflow/scripts/sensitivity.py"
+
+
+# The shards' tables concatenated and their per-layer fit files linked into one folder.
+rule sensitivity:
+    input:
+        tables=shard_parts("results/{family}/sensitivity/shard{shard}.parquet"),
+        fits=shard_parts("results/{family}/sensitivity/fits{shard}"),
+    output:
+        table="results/{family}/sensitivity.parquet",
+        fits=directory("results/{family}/fits"),
     conda:
         "../envs/sopq.yaml"
     log:
@@ -49,4 +73,4 @@ rule sensitivity:
     benchmark:
         "benchmarks/{family}/sensitivity.tsv"
     script:
-        "../workflow/scripts/sensitivity.py"
+        "../workflow/scripts/merge_shards.py"

@@ -1,6 +1,7 @@
 """Calibration statistics: per-input-channel moments and the Gram matrix H = X^T X / T of every layer."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import numpy as np
@@ -38,6 +39,99 @@ def _same_data_key(x: torch.Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
 
 
+class _StatsRecorder:
+    """Forward pre-hooks that accumulate each layer's input statistics, one shared input once.
+
+    Layers fed the very same tensor in a forward pass (q/k/v, gate/up) share one accumulator,
+    keyed by the first of them in module order; `table()` says which one each uses (gram_key).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        if not layers:
+            raise ValueError("no layers to calibrate: check the include/exclude patterns")
+        self.layers = layers
+        self.leader_of: dict[str, str] = {}  # layer -> the layer that first saw its input in a forward pass
+        self.inputs: dict[str, _InputStats] = {}  # keyed by leader
+        self.live: list[tuple[weakref.ref, tuple, str]] = []  # this pass's inputs so far: (tensor, key, leader)
+
+    def _hook(self, args, kwargs, name: str) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        key = _same_data_key(x)
+        leader = next((lead for ref, k, lead in self.live if k == key and ref() is not None), None)
+        if leader is None:
+            leader = name
+            self.live.append((weakref.ref(x), key, name))
+            self.inputs.setdefault(name, _InputStats(x.shape[-1])).add(x)
+        if self.leader_of.setdefault(name, leader) != leader:
+            raise RuntimeError(
+                f"layer {name} shared its input with {self.leader_of[name]} in one forward pass and with "
+                f"{leader} in another: input sharing must be the same in every pass"
+            )
+
+    @contextlib.contextmanager
+    def hooked(self, names):
+        """Record the inputs of these layers while the block runs; call new_pass() between passes."""
+        handles = [
+            self.layers[name].register_forward_pre_hook(
+                lambda m, a, kw, name=name: self._hook(a, kw, name), with_kwargs=True)
+            for name in names
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.live.clear()
+
+    def new_pass(self) -> None:
+        self.live.clear()
+
+    def table(self, names=None) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+        """(stats rows, {gram_key: float32 Gram}) of these layers (all if None), whose inputs
+        must have been seen in full; their accumulators are freed, so a block-by-block caller
+        holds one block's at a time. A shared input's layers must all be among `names`."""
+        names = list(self.layers) if names is None else names
+        unused = [name for name in names if name not in self.leader_of]
+        if unused:
+            raise ValueError(f"layers never called in the forward pass (exclude them): {unused}")
+        order = {name: i for i, name in enumerate(self.layers)}
+        # Name each shared input after its first member in module order, not call order.
+        members: dict[str, list[str]] = {}
+        for name in names:
+            members.setdefault(self.leader_of[name], []).append(name)
+        gram_key = {name: min(group, key=order.get) for group in members.values() for name in group}
+
+        frames, grams = [], {}
+        for name in names:
+            acc = self.inputs[self.leader_of[name]]
+            key = gram_key[name]
+            if key not in grams:
+                grams[key] = (acc.gram / acc.tokens).float()
+                acc.gram = None  # free each float64 sum once converted: peak memory stays near one set of Grams
+            K = acc.sum.shape[0]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": name,
+                        "gram_key": key,
+                        "channel": np.arange(K),
+                        "mean": (acc.sum / acc.tokens).numpy(),
+                        "mean_sq": (acc.sum_sq / acc.tokens).numpy(),
+                        "absmax": acc.absmax.numpy(),
+                        "tokens": acc.tokens,
+                    }
+                )
+            )
+        for leader in members:
+            del self.inputs[leader]
+        return pd.concat(frames, ignore_index=True), grams
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
 @torch.no_grad()
 def collect_stats(
     model: nn.Module,
@@ -48,78 +142,171 @@ def collect_stats(
 ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Per-input-channel mean, mean square, absmax and the Gram matrix of every layer's input.
 
-    Layers fed the very same tensor in a forward pass (q/k/v, gate/up) share one Gram matrix,
-    keyed by the first of them in module order; `gram_key` in the table says which one each uses.
-    Returns (stats table with one row per layer and input channel, {gram_key: float32 K x K}).
+    The whole model in memory, one forward pass per batch. Returns (stats table with one row per
+    layer and input channel, {gram_key: float32 K x K}); see _StatsRecorder for gram_key.
     """
-    if not layers:
-        raise ValueError("no layers to calibrate: check the include/exclude patterns")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    order = {name: i for i, name in enumerate(layers)}
-    leader_of: dict[str, str] = {}  # layer -> the layer that first saw its input in a forward pass
-    inputs: dict[str, _InputStats] = {}  # keyed by leader
-    live: list[tuple[weakref.ref, tuple, str]] = []  # this forward's inputs so far: (tensor, key, leader)
-
-    def hook(module, args, kwargs, name):
-        x = args[0] if args else next(iter(kwargs.values()))
-        key = _same_data_key(x)
-        leader = next((lead for ref, k, lead in live if k == key and ref() is not None), None)
-        if leader is None:
-            leader = name
-            live.append((weakref.ref(x), key, name))
-            inputs.setdefault(name, _InputStats(x.shape[-1])).add(x)
-        if leader_of.setdefault(name, leader) != leader:
-            raise RuntimeError(
-                f"layer {name} shared its input with {leader_of[name]} in one forward pass and with "
-                f"{leader} in another: input sharing must be the same in every pass"
-            )
-
-    handles = [
-        module.register_forward_pre_hook(lambda m, a, kw, name=name: hook(m, a, kw, name), with_kwargs=True)
-        for name, module in layers.items()
-    ]
-    try:
+    recorder = _StatsRecorder(layers)
+    _check_batch_size(batch_size)
+    with recorder.hooked(layers):
         for batch in tqdm(sequences.split(batch_size), desc="calibrate", disable=not progress):
-            live.clear()
+            recorder.new_pass()
             run_model(model, batch)
+    return recorder.table()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def _fixed_mmap_threshold(size: int = 1 << 16) -> None:
+    """Serve every allocation of `size` bytes or more with its own memory map (glibc), so a freed
+    block's weights and statistics go back to the system at once. By default glibc raises this
+    threshold after the first large free, and later blocks' tensors land on a heap that frees
+    nothing: measured, peak memory then grows with depth (bench/RESULTS-streaming.md)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, size)
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the system (glibc malloc_trim) after a block."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _hidden_states(block_output):
+    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
+
+
+def _names_in(layers, prefix: str) -> list[str]:
+    return [name for name in layers if name.startswith(prefix)]
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of repeated blocks: its largest ModuleList."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no stack of blocks (ModuleList): use calibration.streaming: false")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def collect_stats_streaming(
+    model: nn.Module,
+    weights,
+    layers: dict[str, nn.Module],
+    sequences: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """collect_stats for a model whose parameters are on the meta device, all results in memory
+    (see stream_block_stats, which hands them over block by block)."""
+    frames, grams = [], {}
+    for frame, block_grams in stream_block_stats(model, weights, layers, sequences, batch_size, progress):
+        frames.append(frame)
+        grams.update(block_grams)
+    return pd.concat(frames, ignore_index=True), grams
+
+
+@torch.no_grad()
+def stream_block_stats(
+    model: nn.Module,
+    weights,
+    layers: dict[str, nn.Module],
+    sequences: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+):
+    """Yield (stats rows, {gram_key: Gram}) block after block, for a model whose parameters are
+    on the meta device (sopq.model.load_empty_model); together they equal collect_stats' results.
+
+    One block in memory at a time, GPTQ-style: a first pass through the model runs block 0 and
+    records the arguments the model gives every block besides the hidden states (masks, position
+    embeddings: they may differ between blocks), with blocks after the first stubbed out and the
+    pass stopped after the last; then block i is read from disk, run on block i-1's outputs while
+    its layers' statistics are recorded, and released. Peak memory: the weights outside the
+    blocks that run before them (embeddings) or one block, whichever is larger, plus the
+    calibration activations (two copies) and one block's statistics: the caller writes each
+    block's out before the next is computed.
+    The statistics equal collect_stats' up to float rounding (the same operations in the same order).
+    """
+    recorder = _StatsRecorder(layers)
+    _check_batch_size(batch_size)
+    _fixed_mmap_threshold()
+    prefix, blocks = _blocks(model)
+    block_names = [f"{prefix}.{i}." for i in range(len(blocks))]
+    outside = [name for name in layers if not any(name.startswith(b) for b in block_names)]
+    if outside:
+        raise ValueError(f"layers outside the model's blocks cannot be calibrated block by block: {outside}; "
+                         "exclude them or use calibration.streaming: false")
+
+    block_args: list[list[tuple]] = [[] for _ in blocks]  # per block, per batch: (args, kwargs) after the hidden states
+    first_outputs = []  # block 0's outputs (a tensor or a tuple, as the model's blocks return them), per batch
+
+    def capture(i: int, real_forward):
+        def forward(hidden_states, *args, **kwargs):
+            block_args[i].append((args, kwargs))
+            out = real_forward(hidden_states, *args, **kwargs) if i == 0 else first_outputs[-1]
+            if i == 0:
+                first_outputs.append(out)
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return out  # blocks after the first pass on block 0's output: only their arguments matter here
+        return forward
+
+    # First pass: block 0 real (its statistics recorded), the others stubs. Modules outside the
+    # blocks (embeddings) are read from disk when called; those after the blocks (final norm,
+    # head) are never called, so never read.
+    in_blocks = {id(m) for m in blocks.modules()}
+    outer = [m for m in model.modules() if id(m) not in in_blocks and list(m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(lambda m, a: weights.materialize(model, m, recurse=False)) for m in outer]
+    weights.materialize(model, blocks[0])
+    for i, block in enumerate(blocks):
+        block.forward = capture(i, block.forward)
+    progress_bar = tqdm(total=len(blocks), desc="calibrate (blocks)", disable=not progress)
+    try:
+        with recorder.hooked(_names_in(layers, block_names[0])):
+            for batch in sequences.split(batch_size):
+                recorder.new_pass()
+                try:
+                    run_model(model, batch)
+                except _StopForward:
+                    pass
     finally:
+        for block in blocks:
+            del block.forward
         for handle in handles:
             handle.remove()
-        live.clear()
+        for module in outer:
+            weights.release(module, recurse=False)
+        weights.release(blocks[0])
+    progress_bar.update()
+    yield recorder.table(_names_in(layers, block_names[0]))
 
-    unused = [name for name in layers if name not in leader_of]
-    if unused:
-        raise ValueError(f"layers never called in the forward pass (exclude them): {unused}")
-
-    # Name each shared input after its first member in module order, not call order.
-    members: dict[str, list[str]] = {}
-    for name in layers:
-        members.setdefault(leader_of[name], []).append(name)
-    gram_key = {name: min(group, key=order.get) for group in members.values() for name in group}
-
-    frames, grams = [], {}
-    for name in layers:
-        acc = inputs[leader_of[name]]
-        key = gram_key[name]
-        if key not in grams:
-            grams[key] = (acc.gram / acc.tokens).float()
-            acc.gram = None  # free each float64 sum once converted: peak memory stays near one set of Grams
-        K = acc.sum.shape[0]
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": name,
-                    "gram_key": key,
-                    "channel": np.arange(K),
-                    "mean": (acc.sum / acc.tokens).numpy(),
-                    "mean_sq": (acc.sum_sq / acc.tokens).numpy(),
-                    "absmax": acc.absmax.numpy(),
-                    "tokens": acc.tokens,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True), grams
+    hidden = [_hidden_states(out) for out in first_outputs]
+    for i in range(1, len(blocks)):
+        weights.materialize(model, blocks[i])
+        outputs = []
+        with recorder.hooked(_names_in(layers, block_names[i])):
+            for x, (args, kwargs) in zip(hidden, block_args[i]):
+                recorder.new_pass()
+                outputs.append(_hidden_states(blocks[i](x, *args, **kwargs)))
+        weights.release(blocks[i])
+        block_args[i] = None
+        _trim_heap()
+        hidden = outputs
+        progress_bar.update()
+        yield recorder.table(_names_in(layers, block_names[i]))
+    progress_bar.close()
 
 
 def load_gram(path, gram_key: str) -> torch.Tensor:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,45 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+# safetensors' dtype names (the file format's header) -> the torch dtype's attribute name, for
+# the dtypes sopq reads and writes (names, not dtypes: this module does not import torch).
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@contextlib.contextmanager
+def safetensors_stream(path, metadata: dict | None = None):
+    """Write a safetensors file one tensor at a time: yields add(name, tensor).
+
+    Each tensor's bytes go to a scratch file as they come, so only one tensor is in memory at a
+    time; the header, which comes first in the format, is written when the block ends, followed
+    by the data. The file appears atomically, only if the block succeeds."""
+    import torch
+
+    dtype_names = {getattr(torch, attr): name for name, attr in SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    with atomic_path(path) as tmp, open(tmp.with_name(tmp.name + ".data"), "w+b") as data:
+        def add(name: str, tensor) -> None:
+            if name in header:
+                raise ValueError(f"tensor {name!r} written twice to {path}")
+            t = tensor.detach().cpu().contiguous()
+            start = data.tell()
+            data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [start, data.tell()]}
+
+        yield add
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            data.seek(0)
+            shutil.copyfileobj(data, out, 1 << 24)
 
 
 def sha256_file(path) -> str:

@@ -11,15 +11,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sopq.fetch import model_files
+from sopq.io import SAFETENSORS_DTYPES
 
 KINDS = ("causal_lm", "encoder")
 
 
-def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
-    """Load (model, tokenizer) from an HF directory or a directory holding exactly one GGUF file.
-
-    The model is float32 and in eval mode; GGUF weights are dequantized by transformers.
-    """
+def _model_source(model_dir, kind: str):
+    """(model directory, from_pretrained's extra arguments, the Auto class for the kind)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
@@ -29,8 +27,15 @@ def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
         raise ValueError(f"model directory {model_dir} does not exist: run the fetch stage or fix the path")
     _, gguf_file = model_files(model_dir)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return model_dir, extra, AutoModelForCausalLM if kind == "causal_lm" else AutoModel
 
-    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+
+def load_model(model_dir, kind: str, *, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from an HF directory or a directory holding exactly one GGUF file.
+
+    The model is float32 and in eval mode; GGUF weights are dequantized by transformers.
+    """
+    model_dir, extra, auto = _model_source(model_dir, kind)
     try:
         model = auto.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
@@ -79,6 +84,179 @@ def load_tokenizer(model_dir, *, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
 
 
+def load_empty_model(model_dir, kind: str, *, trust_remote_code: bool = False):
+    """(model, tokenizer, weights) without reading a weight: parameters on the meta device.
+
+    Buffers are real (rotary frequencies and the like are computed, not stored); `weights` is a
+    LazyWeights that reads one tensor at a time from the directory's safetensors files or GGUF
+    file, with the same names, values and dtype (float32) as `load_model` gives.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    model_dir, extra, auto = _model_source(model_dir, kind)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    weights = GGUFWeights(model_dir / extra["gguf_file"], model) if extra else SafetensorsWeights(model_dir, model)
+    return model, tokenizer, weights
+
+
+class LazyWeights:
+    """Tensors of one model by parameter name, each read from disk when asked for."""
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """tensor(name) as float32, refused (as load_model refuses it) if it has NaN or Inf entries."""
+        value = self.tensor(name).to(torch.float32)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} has NaN or Inf entries; the checkpoint is damaged: fix or re-fetch it")
+        return value
+
+    def materialize(self, model: nn.Module, module: nn.Module, recurse: bool = True) -> None:
+        """Read `module`'s parameters (a submodule of `model`) from disk into it, as float32."""
+        prefix = _qualified_name(model, module)
+        for name, param in list(module.named_parameters(recurse=recurse)):
+            if not param.is_meta:
+                continue
+            owner, attr = _owner(module, name)
+            value = self.parameter(f"{prefix}{name}")
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{prefix}{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}")
+            setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+
+    @staticmethod
+    def release(module: nn.Module, recurse: bool = True) -> None:
+        """Give `module`'s parameter memory back: they return to the meta device."""
+        for name, param in list(module.named_parameters(recurse=recurse)):
+            owner, attr = _owner(module, name)
+            setattr(owner, attr, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    path, _, attr = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str:
+    if module is model:
+        return ""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name + "."
+    raise ValueError("module is not part of the model")
+
+
+class SafetensorsWeights(LazyWeights):
+    """An HF directory's *.safetensors files (sharded or not), each tensor read when asked for.
+
+    Plain reads at the offsets the file's header gives, not a memory map: pages of a map that
+    were read once would stay in the process's resident memory, which then grows with depth.
+    Checkpoint keys may carry the base model prefix (`bert.encoder...`) where the model's names
+    do not, or the other way round; both are accepted.
+    """
+
+    def __init__(self, model_dir: Path, model: nn.Module):
+        import json
+        import struct
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{model_dir} has no .safetensors files: lazy loading needs safetensors (or GGUF)")
+        self._where = {}  # key -> (file, data offset, dtype name, shape, length)
+        for path in files:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self._where[key] = (path, 8 + header_len + start, info["dtype"], info["shape"], end - start)
+        self._prefix = getattr(model, "base_model_prefix", "")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        p = self._prefix
+        candidates = [name, f"{p}.{name}", name.removeprefix(f"{p}.")] if p else [name]
+        key = next((k for k in candidates if k in self._where), None)
+        if key is None:
+            raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
+        path, offset, dtype, shape, length = self._where[key]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which sopq cannot read")
+        buffer = bytearray(length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer) != length:
+                raise ValueError(f"{path} is truncated (tensor {key}): fetch the model again")
+        if not length:
+            return torch.empty(shape, dtype=getattr(torch, SAFETENSORS_DTYPES[dtype]))
+        return torch.frombuffer(buffer, dtype=getattr(torch, SAFETENSORS_DTYPES[dtype])).reshape(shape)
+
+
+class GGUFWeights(LazyWeights):
+    """One GGUF file, memory-mapped by gguf.GGUFReader; each tensor dequantized when asked for.
+
+    Names and per-architecture fix-ups (Llama's q/k row permutation, Gemma's norm offset) come
+    from transformers' own GGUF loader, so the values equal `load_model`'s.
+    """
+
+    def __init__(self, path: Path, model: nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+        self._reader = reader = GGUFReader(str(path))
+        architecture = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self._hf_name = get_gguf_hf_weights_map(model, self._processor)
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._gguf_name = {hf: gguf for gguf, hf in self._hf_name.items()}
+        # A weight the model ties to another (lm_head to the embedding) may have no tensor of its own.
+        self._tied = _tied_names(model)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        gguf_name = self._gguf_name.get(name) or self._gguf_name.get(self._tied.get(name, ""))
+        if gguf_name is None or gguf_name not in self._tensors:
+            raise ValueError(f"parameter {name} has no tensor in the GGUF file: use calibration.streaming: false")
+        t = self._tensors[gguf_name]
+        result = self._processor.process(weights=dequantize(t.data, t.tensor_type), name=gguf_name,
+                                         tensor_key_mapping=self._hf_name, parsed_parameters={"tensors": {}})
+        self._drop_pages(t)
+        if result.name != gguf_name:
+            raise ValueError(f"GGUF tensor {gguf_name} needs a merge across tensors (MoE): use calibration.streaming: false")
+        return torch.from_numpy(np.copy(result.weights))
+
+    def _drop_pages(self, t) -> None:
+        """Pages of the memory map read for this tensor leave resident memory again (the file
+        stays in the page cache): otherwise the process's memory grows with every block read."""
+        import mmap
+
+        mapped = getattr(self._reader.data, "_mmap", None)
+        if mapped is None:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for every parameter that is the same tensor as an earlier one."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied_to = first.setdefault(id(param), name)
+        if tied_to != name:
+            tied[name] = tied_to
+    return tied
+
+
 def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
     """Every nn.Linear / GPT-2 Conv1D whose qualified name matches an include regex and no exclude regex.
 
@@ -108,6 +286,34 @@ def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str])
         seen_weights.add(weight_id)
         layers[name] = module
     return layers
+
+
+def read_layer_weights(model_dir, kind: str, include: list[str], exclude: list[str], select=None, *,
+                       trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """{layer: float32 (N, K) weight} of the quantizable layers that `select` picks (a function
+    of the list of all of them, in module order; all if None), read from disk one tensor at a
+    time: nothing else of the model is loaded. Same values as get_weight on load_model's model."""
+    model, _, weights = load_empty_model(model_dir, kind, trust_remote_code=trust_remote_code)
+    layers = quantizable_layers(model, include, exclude)
+    names = list(layers) if select is None else select(list(layers))
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise ValueError(f"not quantizable layers of {model_dir}: {unknown}; rerun the stage that named them")
+    out = {}
+    for name in names:
+        W = weights.parameter(f"{name}.weight")
+        out[name] = W.T.contiguous() if isinstance(layers[name], Conv1D) else W
+    return out
+
+
+def layer_shard(names: list[str], shard: int, shards: int) -> list[str]:
+    """Shard `shard` (0-based) of `shards` contiguous, near-equal slices of the layers in module
+    order, so that a shard covers a range of blocks."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    if shards > len(names):
+        raise ValueError(f"shards: {shards} is more than the {len(names)} layers: lower the family's shards")
+    return names[shard * len(names) // shards : (shard + 1) * len(names) // shards]
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -5,12 +5,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from sopq.calibrate import collect_stats, load_gram
+from sopq.calibrate import collect_stats, collect_stats_streaming, load_gram
 from sopq.io import save_safetensors
-from sopq.model import load_model, quantizable_layers, run_model, token_sequences
-from tiny_models import make_tiny_bert, make_tiny_llama, sample_text
+from sopq.model import load_empty_model, load_model, quantizable_layers, run_model, token_sequences
+from tiny_models import make_tiny_bert, make_tiny_gguf, make_tiny_llama, sample_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,9 @@ def test_load_gram_reads_one_tensor(tmp_path):
         load_gram(path, "x.k")
 
 
-def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path):
+def run_calibrate_script(llama_dir, tmp_path, streaming):
+    """Run workflow/scripts/calibrate.py on the tiny llama, check its outputs; (stats, grams path)."""
+    tmp_path.mkdir(exist_ok=True)
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(2000))
     out = tmp_path / "calib"
@@ -152,7 +155,7 @@ def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path):
         input=SimpleNamespace(model=str(llama_dir), text=str(text)),
         output=SimpleNamespace(stats=str(out / "stats.parquet"), grams=str(out / "grams.safetensors")),
         params=SimpleNamespace(kind="causal_lm", include=[".*"], exclude=["lm_head", "embed"], n_seq=5,
-                               seq_len=24, batch_size=2, trust_remote_code=False, seed=0),
+                               seq_len=24, batch_size=2, trust_remote_code=False, seed=0, streaming=streaming),
         log=[str(tmp_path / "calibrate.log")],
         threads=1,
     )
@@ -164,4 +167,75 @@ def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path):
     assert gram.shape == (64, 64)
     mean_sq = stats.loc[stats["layer"] == "model.layers.0.mlp.up_proj", "mean_sq"].values
     torch.testing.assert_close(gram.diagonal(), torch.tensor(mean_sq, dtype=torch.float32))
-    assert "calibrate: 100%" in (tmp_path / "calibrate.log").read_text()  # the progress bar went to the log
+    log = (tmp_path / "calibrate.log").read_text()
+    assert ("calibrate (blocks): 100%" if streaming else "calibrate: 100%") in log  # the progress bar went to the log
+    return stats, out / "grams.safetensors"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_workflow_script_writes_stats_and_grams(llama_dir, tmp_path, streaming):
+    run_calibrate_script(llama_dir, tmp_path, streaming)
+
+
+def test_workflow_script_streaming_writes_the_same_files(llama_dir, tmp_path):
+    """The block-by-block writer (safetensors written one tensor at a time) gives the same file
+    contents as writing all Grams at once."""
+    stats, grams = run_calibrate_script(llama_dir, tmp_path / "whole", False)
+    s_stats, s_grams = run_calibrate_script(llama_dir, tmp_path / "streaming", True)
+    pd.testing.assert_frame_equal(s_stats, stats, check_exact=True)
+    with safe_open(str(grams), "pt") as whole, safe_open(str(s_grams), "pt") as streamed:
+        assert sorted(streamed.keys()) == sorted(whole.keys())
+        for key in whole.keys():
+            assert torch.equal(streamed.get_tensor(key), whole.get_tensor(key)), key
+
+
+def stats_both_ways(model_dir, kind, exclude, batch_size=2):
+    """(in-memory stats, grams), (streaming stats, grams) of one model on the same sequences."""
+    model, tokenizer = load_model(model_dir, kind)
+    sequences = token_sequences(tokenizer, sample_text(2000), 5, 24)
+    whole = collect_stats(model, quantizable_layers(model, [".*"], exclude), sequences, batch_size, progress=False)
+    empty, _, weights = load_empty_model(model_dir, kind)
+    assert all(p.is_meta for p in empty.parameters())
+    streamed = collect_stats_streaming(empty, weights, quantizable_layers(empty, [".*"], exclude), sequences,
+                                       batch_size, progress=False)
+    assert all(p.is_meta for p in empty.parameters())  # every block was released again
+    return whole, streamed
+
+
+def make_tiny_gguf_dir(path):
+    """A directory holding one tiny llama GGUF (float32 tensors, q/k rows permuted as llama.cpp does)."""
+    return make_tiny_gguf(Path(path) / "tiny.gguf").parent
+
+
+@pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),
+                                        (make_tiny_gguf_dir, "causal_lm")])
+def test_streaming_equals_whole_model(tmp_path, make, kind):
+    """Block by block gives the very same numbers: the same operations on the same inputs, in the
+    same order (tolerance 0; the real SmolLM2 GGUF, MiniLM and MPNet agree bitwise too, see
+    bench/RESULTS-streaming.md)."""
+    (stats, grams), (s_stats, s_grams) = stats_both_ways(make(tmp_path / "model"), kind, ["lm_head", "embed", "pooler"])
+    pd.testing.assert_frame_equal(s_stats, stats, check_exact=True)
+    assert list(s_grams) == list(grams)
+    for key in grams:
+        assert torch.equal(s_grams[key], grams[key]), key
+
+
+def test_streaming_reads_no_weight_outside_the_walk(tmp_path):
+    """The tied LM head / final norm are never read; the embedding is read and given back."""
+    model_dir = make_tiny_llama(tmp_path / "model")
+    empty, tokenizer, weights = load_empty_model(model_dir, "causal_lm")
+    read = []
+    tensor = weights.tensor
+    weights.tensor = lambda name: read.append(name) or tensor(name)
+    sequences = token_sequences(tokenizer, sample_text(2000), 2, 16)
+    collect_stats_streaming(empty, weights, quantizable_layers(empty, [".*"], ["lm_head"]), sequences, 2, progress=False)
+    assert "model.embed_tokens.weight" in read
+    assert not any(n.startswith(("lm_head", "model.norm")) for n in read)
+    assert len(read) == len(set(read))  # each tensor read once
+
+
+def test_streaming_rejects_layers_outside_the_blocks(tmp_path):
+    empty, tokenizer, weights = load_empty_model(make_tiny_bert(tmp_path / "bert"), "encoder")
+    layers = quantizable_layers(empty, [".*"], [])  # the pooler sits after the blocks
+    with pytest.raises(ValueError, match=r"outside the model's blocks.*pooler.*streaming: false"):
+        collect_stats_streaming(empty, weights, layers, token_sequences(tokenizer, sample_text(500), 1, 8), 1)

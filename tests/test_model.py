@@ -5,7 +5,8 @@ from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from sopq.fetch import fetch_model
-from sopq.model import convert_gguf, get_weight, load_model, quantizable_layers, run_model, set_weight, token_sequences
+from sopq.model import (convert_gguf, get_weight, layer_shard, load_model, quantizable_layers, read_layer_weights,
+                        run_model, set_weight, token_sequences)
 from tiny_models import make_tiny_bert, make_tiny_gguf, make_tiny_llama, sample_text
 
 LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -154,3 +155,42 @@ def test_fetched_gguf_becomes_an_hf_directory_with_the_same_model(tmp_path):
     assert all(torch.equal(tensor, expected[name]) for name, tensor in converted.state_dict().items())
     text = "hello world, well held"
     assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("n, shards", [(14, 1), (14, 2), (14, 3), (5, 5)])
+def test_layer_shards_cover_every_layer_once_in_order(n, shards):
+    names = [f"layer{i}" for i in range(n)]
+    parts = [layer_shard(names, i, shards) for i in range(shards)]
+    assert sum(parts, []) == names
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="not in"):
+        layer_shard(names, shards, shards)
+    with pytest.raises(ValueError, match=f"shards: {n + 1} is more than the {n} layers"):
+        layer_shard(names, 0, n + 1)
+
+
+@pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder")])
+def test_read_layer_weights_equals_the_loaded_model(tmp_path, make, kind):
+    """Lazily read weights (one tensor at a time, nothing else loaded) equal load_model's."""
+    model_dir = make(tmp_path / "model")
+    model, _ = load_model(model_dir, kind)
+    layers = quantizable_layers(model, [".*"], ["lm_head", "embed"])
+    every = read_layer_weights(model_dir, kind, [".*"], ["lm_head", "embed"])
+    assert list(every) == list(layers)
+    for name, W in every.items():
+        assert torch.equal(W, get_weight(layers[name])), name
+    second = read_layer_weights(model_dir, kind, [".*"], ["lm_head", "embed"], lambda names: layer_shard(names, 1, 2))
+    assert list(second) == layer_shard(list(layers), 1, 2)
+    with pytest.raises(ValueError, match="not quantizable layers"):
+        read_layer_weights(model_dir, kind, [".*"], ["lm_head", "embed"], lambda names: ["no.such.layer"])
+
+
+def test_lazily_read_nan_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_llama(tmp_path / "model")
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight has NaN or Inf entries"):
+        read_layer_weights(model_dir, "causal_lm", [".*"], ["lm_head"])

@@ -202,3 +202,30 @@ def test_reader_never_crashes_or_hangs_on_mutated_bytes(tmp_path, valid_packed, 
             return
     for q in layers.values():
         assert q.dequantize().shape == q.codes.shape
+
+
+def test_safetensors_stream_writes_what_safetensors_reads(tmp_path):
+    from safetensors import safe_open
+
+    from sopq.io import safetensors_stream
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32), "c": torch.randn(2, 2).bfloat16(),
+               "empty": torch.zeros(0, 4), "odd": torch.ones(3, dtype=torch.uint8)}
+    with safetensors_stream(tmp_path / "x.safetensors", metadata={"k": "v"}) as add:
+        for name, t in tensors.items():
+            add(name, t)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+
+
+def test_safetensors_stream_leaves_nothing_on_failure(tmp_path):
+    from sopq.io import safetensors_stream
+
+    with pytest.raises(ValueError, match="written twice"):
+        with safetensors_stream(tmp_path / "x.safetensors") as add:
+            add("a", torch.ones(2))
+            add("a", torch.ones(2))
+    assert list(tmp_path.iterdir()) == []

@@ -49,9 +49,8 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
+def tiny_config(work: Path) -> dict:
+    """The default config cut down to two tiny random models (written under work/models)."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["families"] = {
         "tinyllama": {"kind": "causal_lm", "source_precision": "fp32 (random init)",
@@ -64,9 +63,21 @@ def run(tmp_path_factory):
     config["quantization"]["allowed_bits"] = [4, 6, 8]
     config["importance"]["n_seq"] = 2
     config["kernel"]["m"] = 2
+    return config
+
+
+def run_tiny_workflow(work: Path) -> tuple[Path, dict, Path]:
+    """The tiny config run end to end in `work`: (work, config, config file)."""
+    config = tiny_config(work)
     configfile = write_config(work / "test.yaml", config)
     snakemake(work, configfile, "results/report.html")
     return work, config, configfile
+
+
+@pytest.fixture(scope="module")
+def run(tiny_workflow):
+    """One run for the session (conftest.py), shared with the tests that compare against it."""
+    return tiny_workflow
 
 
 def test_every_stage_wrote_its_contract(run):
@@ -237,6 +248,19 @@ if pattern:
             os.truncate(filename, os.path.getsize(filename) // 2)
             os.killpg(os.getpgrp(), signal.SIGKILL)
     safetensors.torch.save_file = save_file
+
+    # The streaming calibrate stage writes its Gram matrices tensor by tensor (sopq.io):
+    # killed once every tensor is in its scratch data file, before the file is assembled.
+    import contextlib
+    import sopq.io
+    original_stream = sopq.io.safetensors_stream
+    @contextlib.contextmanager
+    def safetensors_stream(path, *args, **kwargs):
+        with original_stream(path, *args, **kwargs) as add:
+            yield add
+            if re.search(pattern, str(path)):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+    sopq.io.safetensors_stream = safetensors_stream
 """
 
 
@@ -263,8 +287,9 @@ def test_sigkill_mid_write_then_resume_equals_an_uninterrupted_run(run, tmp_path
 
     killed_run(second, configfile, tmp_path / "hook", r"grams\.safetensors$", target)
     assert not (results / "calib" / "grams.safetensors").exists()
-    # The half-written file is there, but only in the writer's hidden temporary folder.
-    assert list((results / "calib").glob(".grams.safetensors.*/grams.safetensors"))
+    # The half-written file (or the streaming writer's scratch data) is there, but only in the
+    # writer's hidden temporary folder.
+    assert list((results / "calib").glob(".grams.safetensors.*/grams.safetensors*"))
     assert not (results / "sensitivity.parquet").exists()
 
     snakemake(second, configfile, "--unlock")

@@ -56,10 +56,9 @@ def _save_tokenizer(out_dir: Path) -> int:
 
 
 def _save_random_model(out_dir, config_cls, model_cls, **architecture) -> Path:
-    """A tiny randomly initialised model (hidden 64, 2 layers, 4 heads) with the tiny tokenizer."""
+    """A tiny randomly initialised model (by default hidden 64, 2 layers, 4 heads) with the tiny tokenizer."""
     out_dir = Path(out_dir)
-    config = config_cls(
-        vocab_size=_save_tokenizer(out_dir),
+    defaults = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -69,20 +68,21 @@ def _save_random_model(out_dir, config_cls, model_cls, **architecture) -> Path:
         # At the default std 0.02 the output is nearly independent of the weights; a larger std
         # makes it depend visibly on every layer, as a trained model's does.
         initializer_range=0.2,
-        **architecture,
     )
+    config = config_cls(vocab_size=_save_tokenizer(out_dir), **{**defaults, **architecture})
     torch.manual_seed(0)
     model_cls(config).save_pretrained(out_dir)
     return out_dir
 
 
-def make_tiny_llama(out_dir) -> Path:
-    """Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings."""
+def make_tiny_llama(out_dir, **architecture) -> Path:
+    """Llama with grouped-query attention (4 heads, 2 KV heads) and tied embeddings; keyword
+    arguments override the architecture (e.g. num_hidden_layers, hidden_size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return _save_random_model(
         out_dir, LlamaConfig, LlamaForCausalLM,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        **{"num_key_value_heads": 2, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0, **architecture},
     )
 
 

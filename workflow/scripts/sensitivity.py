@@ -1,17 +1,17 @@
-"""sensitivity: fit every layer at every allowed width and search option, measure its errors,
-attach alpha, keep the fits."""
+"""sensitivity: fit every layer of one shard at every allowed width and search option, measure
+its errors, attach alpha, keep the fits."""
 import pandas as pd
 
 from sopq.io import write_parquet
 from sopq.logs import rule_log, usable_cpus
-from sopq.model import get_weight, load_model, quantizable_layers
+from sopq.model import layer_shard, read_layer_weights
 from sopq.sensitivity import GramLookup, score_layers, search_options
 
 p = snakemake.params
 q = p.quantization
 with rule_log(snakemake.log[0], snakemake.threads):
-    model, _ = load_model(snakemake.input.model, p.kind, trust_remote_code=p.trust_remote_code)
-    weights = {name: get_weight(module) for name, module in quantizable_layers(model, p.include, p.exclude).items()}
+    weights = read_layer_weights(snakemake.input.model, p.kind, p.include, p.exclude,
+                                 lambda names: layer_shard(names, *p.shard), trust_remote_code=p.trust_remote_code)
     gram = GramLookup.from_files(snakemake.input.stats, snakemake.input.grams)
     table = score_layers(
         weights, gram, q["allowed_bits"], search_options(q), q["error_feedback"],
