@@ -137,14 +137,12 @@ def _noise_direction(name: str, shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-def _checked_grams(layers: dict[str, nn.Module], grams) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in layers:
-        try:
-            out[name] = grams[name].double()
-        except KeyError:
-            raise ValueError(f"no Gram matrix for layer {name}: pass one per layer") from None
-    return out
+def _gram(grams, name: str) -> torch.Tensor:
+    # One layer's Gram matrix at a time: holding all of them in float64 costs GBs on 0.5B models.
+    try:
+        return grams[name].double()
+    except KeyError:
+        raise ValueError(f"no Gram matrix for layer {name}: pass one per layer") from None
 
 
 def _damage_sum(kind: str, ref: torch.Tensor, logp_ref: torch.Tensor | None, out: torch.Tensor) -> float:
@@ -184,10 +182,9 @@ def measure_layer_importance(
     _check_kind(kind)
     if not rel_error > 0:
         raise ValueError(f"rel_error must be positive, got {rel_error}")
-    grams = _checked_grams(layers, grams)
     noise_scale: dict[str, float] = {}
     for name, module in layers.items():
-        H = grams[name]
+        H = _gram(grams, name)
         W = get_weight(module).double()
         Z = _noise_direction(name, W.shape, seed).double()
         signal = ((W @ H) * W).sum()
@@ -252,8 +249,15 @@ def probe_layer_importance(
     _check_kind(kind)
     if n_probes < 1:
         raise ValueError(f"n_probes must be at least 1, got {n_probes}")
-    grams = _checked_grams(layers, grams)
-    weights = {name: get_weight(module) for name, module in layers.items()}
+    # tr(W H W^T) / (2 N tr H) per layer, before the passes, so a missing Gram fails early.
+    output_scale = {}
+    for name, module in layers.items():
+        W, H = get_weight(module).double(), _gram(grams, name)
+        signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
+        if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
+            raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
+        # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
+        output_scale[name] = signal / (2 * W.shape[0] * trace_h) if signal > 0 else 0.0
     generator = torch.Generator().manual_seed(seed)
     grad_sq = dict.fromkeys(layers, 0.0)
     count = 0
@@ -282,12 +286,4 @@ def probe_layer_importance(
         for param in params:
             param.requires_grad_(False)
 
-    alpha = {}
-    for name in layers:
-        W, H = weights[name].detach().double(), grams[name]
-        signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
-        if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
-            raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
-        # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
-        alpha[name] = grad_sq[name] * signal / (2 * W.shape[0] * trace_h * count) if signal > 0 else 0.0
-    return alpha
+    return {name: grad_sq[name] * output_scale[name] / count for name in layers}
