@@ -1,4 +1,5 @@
 """lut_matmul against the float64 reference; without a GPU, conftest.py puts Triton in interpreter mode."""
+import dataclasses
 import itertools
 
 import pytest
@@ -12,10 +13,11 @@ from sopq.packing import pack_codes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
-# (M, N, K): none a multiple of every block size (interpreter blocks are M x 256 x tile_k(bits),
-# tile_k 128..512; GPU blocks 32..128 x tile_k), with N > 256 and K > 256 to cross block and
-# plane-chunk boundaries. M <= 4 takes the gemv kernel, larger M the mma kernel.
-SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40)]
+# (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x 256 x 256, GPU
+# blocks 16..128 x 16..64 x 128..512), with N > 256 and K > 256 to cross block and
+# plane-chunk boundaries; the last two have K a multiple of 256 (no masks on K). M = 1 takes the
+# gemv kernel, larger M the mma kernel.
+SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512), (24, 20, 768)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
 
 
@@ -54,21 +56,25 @@ def test_matches_reference(bits, scale_format, dtype, shape, group):
     assert relative_error(y, y_ref) < 1e-2
 
 
-# Explicit launch configurations: both kernels, small blocks (many programs), split-K (atomics).
+# Explicit launch configurations: every kernel, small blocks (many programs), K tiles of one and
+# of several words per plane row, split-K (atomics), panels that do not divide N.
 CONFIG_CASES = [
-    (LaunchConfig("gemv", 4, 16, 0, split_k=1), (3, 50, 700)),
-    (LaunchConfig("gemv", 8, 32, 0, split_k=3), (5, 40, 1100)),
-    (LaunchConfig("mma", 16, 16, 0, split_k=1), (20, 45, 600)),
-    (LaunchConfig("mma", 32, 32, 0, split_k=2), (2, 70, 1100)),
+    (LaunchConfig("gemv", 1, 16, 1, split_k=1), (1, 50, 700)),
+    (LaunchConfig("gemv", 1, 32, 2, split_k=3), (1, 40, 1100)),
+    (LaunchConfig("gemv", 1, 16, 4, split_k=2), (1, 33, 1300)),
+    (LaunchConfig("mma", 16, 16, 1, split_k=1), (3, 50, 700)),
+    (LaunchConfig("mma", 16, 16, 1, split_k=1), (20, 45, 600)),
+    (LaunchConfig("mma", 32, 32, 2, split_k=2), (2, 70, 1100)),
+    (LaunchConfig("panel", 0, 16, 2, panel_rows=24), (9, 70, 600)),
 ]
 
 
-@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("bits", [5, 6, 8])
 @pytest.mark.parametrize("config, shape", CONFIG_CASES)
 def test_explicit_configs_match_reference(bits, config, shape):
     m, n, k = shape
-    # One pipeline stage: at 5 bits (block_k 512) more can exceed a GPU's shared memory.
-    config = LaunchConfig(config.kernel, config.block_m, config.block_n, tile_k(bits), config.split_k, num_stages=1)
+    # block_k above is in units of tile_k(bits); one pipeline stage keeps shared memory small.
+    config = dataclasses.replace(config, block_k=config.block_k * tile_k(bits), num_stages=1)
     _, words, codebook, scales = make_layer(n, k, bits, 64, "e8m0", seed=bits + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
@@ -160,7 +166,9 @@ def test_rejects_bad_input():
         lut_matmul(x, words, codebook, scales.float(), **args)
     with pytest.raises(ValueError, match="shape"):
         lut_matmul(x[:, :-1], words, codebook, scales, **args)
-    with pytest.raises(ValueError, match="block_k must be a multiple of 256"):
-        lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 2, 16, 128), **args)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 128"):
+        lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 2, 16, 64), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
+    with pytest.raises(ValueError, match="one row of x"):
+        lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 1, 16, 256), **args)
