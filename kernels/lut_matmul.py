@@ -1,16 +1,19 @@
 """y = x @ W_hat^T straight from the packed codes: Triton lookup-table matmuls.
 
-Both kernels decode a (BLOCK_N, BLOCK_K) weight tile the same way (_decode_tile): whole int32
-words of each bit plane (sopq/packing.py) are loaded, split into fields by constant shifts,
-joined into codes, looked up in the codebook and multiplied by their group scale. W_hat is
-never materialized in memory.
+Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way (_decode_tile): each int32
+word of each bit plane (sopq/packing.py) is loaded once, split into its fields by shifts, the
+fields are joined into codes, looked up in the codebook and multiplied by their group scale.
+W_hat is never held whole in memory.
 
-- _lut_gemv_kernel (small M): each program owns BLOCK_N output columns and one K split, and
-  reduces x * w on the CUDA cores; the time is the weight bytes, so it only has to stream them.
-- _lut_mma_kernel (larger M): (BLOCK_M, BLOCK_N) output tiles on the tensor cores (tl.dot with
-  fp32 accumulation); the decode is paid once per tile and shared by BLOCK_M rows of x.
+- _lut_gemv_kernel (M = 1): each program owns BLOCK_N output columns and one K split, and
+  reduces x * w on the CUDA cores.
+- _lut_mma_kernel (1 < M < PANEL_MIN_M): (BLOCK_M, BLOCK_N) output tiles on the tensor cores
+  (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows of x.
+- panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
+  into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
-lut_matmul picks the kernel and launch configuration from M (launch_config).
+lut_matmul picks the kernel and launch configuration from M (launch_config); speeds and where
+the time goes: kernels/BENCHMARKS.md.
 """
 from __future__ import annotations
 
