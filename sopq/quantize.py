@@ -10,9 +10,11 @@ Codebook modes: `free` (fp16 entries) and `fp8` (every entry a finite FP8 E4M3 v
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sopq.formats import FP8_E4M3_MAX, decode_scales, encode_scales, num_groups, round_fp8_e4m3, round_scales
@@ -21,12 +23,16 @@ from sopq.packing import dequantize
 MODES = ("free", "fp8")
 # Histogram resolution of the free-mode clustering: BINS_PER_CODE bins per entry within
 # [MIN_HISTOGRAM_BINS, MAX_HISTOGRAM_BINS]. The DP is exact over the bins (values in one bin share
-# a cluster) at bins^2 * 2^b cost; Lloyd steps on the raw values then refine the entries below
-# bin width.
+# a cluster) at ~bins log(bins) * 2^b cost (see _monotone_min_plus); Lloyd steps on the raw
+# values then refine the entries below bin width.
 MIN_HISTOGRAM_BINS = 256
 MAX_HISTOGRAM_BINS = 512
 BINS_PER_CODE = 4
 LLOYD_STEPS = 2
+# Rows of a DP layer solved per pass of _monotone_min_plus grow by this factor: larger means fewer
+# passes (numpy calls per layer) but more candidates tried per row. 8 was fastest of 2, 4, 8, 16
+# at 256..2048 bins (bench/RESULTS-codebook-dp.md).
+DP_BRANCHING = 8
 # Candidate multipliers of the current scale tried per group in the clipping search.
 # E8M0 scales are powers of two: multipliers within 0.8..1.2 all round back to the same scale.
 SCALE_SEARCH = {"fp16": (0.8, 0.9, 1.0, 1.1, 1.2), "bf16": (0.8, 0.9, 1.0, 1.1, 1.2), "e8m0": (0.5, 1.0, 2.0)}
@@ -105,10 +111,57 @@ def nearest_code(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return NearestCode(codebook)(u)
 
 
-def _cluster_cost(c0, c1, c2, a, b):
-    """Weighted SSE of sorted items [a, b) around their weighted mean, from prefix sums."""
-    w = c0[b] - c0[a]
-    return ((c2[b] - c2[a]) - (c1[b] - c1[a]) ** 2 / w.clamp(min=1e-300)).clamp(min=0)
+@functools.lru_cache(maxsize=16)
+def _dp_passes(rows: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """The passes of _monotone_min_plus over rows 1..rows-1: (rows solved, the nearest rows solved
+    before on their left, on their right, rows - 1), every DP_BRANCHING**r-th row first, r falling."""
+    n = rows - 1
+    stride = 1
+    while stride * DP_BRANCHING <= n:
+        stride *= DP_BRANCHING
+    passes = []
+    while stride >= 1:
+        step = stride * DP_BRANCHING
+        solved = np.arange(stride, n + 1, stride)
+        solved = solved[solved % step != 0]
+        left = solved - solved % step
+        passes.append((solved, left, left + step, solved - 1))
+        stride //= DP_BRANCHING
+    return tuple(passes)
+
+
+def _monotone_min_plus(prev: np.ndarray, cost, prev_split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One layer of a DP whose cost satisfies the quadrangle inequality (Monge):
+    best[j] = min over t < j of prev[t] + cost(t, j), split[j] the smallest such t (best[0] = inf).
+
+    Monge makes split nondecreasing in j, and no smaller than the previous layer's split at j
+    (prev_split). So rows are solved in passes, every DP_BRANCHING**r-th row first: a row only
+    tries the t between the splits of the nearest solved rows around it, at least prev_split.
+    A pass tries O(DP_BRANCHING * rows) candidates, batched in numpy, over log(rows) passes,
+    instead of every (t, j) pair. `cost` takes int arrays t, j and returns float64 values."""
+    size = prev.size
+    best = np.full(size, np.inf)
+    split = np.zeros(size, dtype=np.int64)
+    passes = _dp_passes(size)
+    # split of rows 1..size-1 as solved so far; the edges: 0 on the left, past the end on the right.
+    bound = np.full(passes[0][2][-1] + 1, size, dtype=np.int64)
+    bound[0] = 0
+    for rows, left, right, last_candidate in passes:
+        hi = np.minimum(bound[right], last_candidate)
+        # A row with too few items for this layer has only infinite candidates and its window
+        # bounds nothing that matters; the minimum keeps its window non-empty.
+        lo = np.minimum(np.maximum(bound[left], prev_split[rows]), hi)
+        counts = hi - lo + 1
+        ends = counts.cumsum()
+        starts = ends - counts
+        t = np.arange(ends[-1]) - np.repeat(starts - lo, counts)
+        values = prev[t] + cost(t, np.repeat(rows, counts))
+        row_min = np.minimum.reduceat(values, starts)
+        at_min = np.flatnonzero(values == np.repeat(row_min, counts))
+        bound[rows] = t[at_min[np.searchsorted(at_min, starts)]]
+        best[rows] = row_min
+    split[1:] = bound[1:size]
+    return best, split
 
 
 def _free_codebook(v, w, size):
@@ -126,34 +179,47 @@ def _free_codebook(v, w, size):
     if m <= size:
         centers = s1 / s0
         return torch.cat([centers, centers[-1:].expand(size - m)]).sort().values
-    c0, c1, c2 = (torch.cat([torch.zeros(1, dtype=torch.float64), t.cumsum(0)]) for t in (s0, s1, s2))
-    i = torch.arange(m).unsqueeze(1)
-    j = torch.arange(m).unsqueeze(0)
-    # cost[i, j]: bins i..j (inclusive) as one cluster; inf for i > j.
-    cost = torch.where(i <= j, _cluster_cost(c0, c1, c2, i, j + 1), torch.inf)
-    best = cost[0].float()  # best[j]: optimal cost of bins 0..j with c + 1 clusters
-    split = torch.zeros(size, m, dtype=torch.long)
-    # float32 is plenty to rank candidate splits and halves the memory traffic of the loop.
-    tail_cost = cost[1:].float().contiguous()
-    for c in range(1, size):
-        best, start = (best[:-1, None] + tail_cost).min(0)
-        split[c] = start + 1
-    bounds, end = [], m - 1
-    for c in range(size - 1, 0, -1):
-        start = split[c, end].item()
-        bounds.append((start, end))
-        end = start - 1
-    bounds.append((0, end))
-    centers = torch.stack([(c1[b + 1] - c1[a]) / (c0[b + 1] - c0[a]) for a, b in reversed(bounds)])
-    return lloyd_refine(v, w, centers.sort().values)
+    c0, c1, c2 = (torch.cat([torch.zeros(1, dtype=torch.float64), t.cumsum(0)]).numpy() for t in (s0, s1, s2))
+    edges = _contiguous_clusters(c0, c1, c2, size)
+    centers = (c1[edges[1:]] - c1[edges[:-1]]) / (c0[edges[1:]] - c0[edges[:-1]])
+    return lloyd_refine(v, w, torch.from_numpy(centers))
+
+
+def _contiguous_clusters(c0, c1, c2, size):
+    """Edges 0 = e_0 < ... < e_size = m of the `size` runs of bins [e_i, e_i+1) with least total
+    weighted SSE around their weighted means, from the prefix sums c0, c1, c2 (m + 1 entries) of
+    the bins' weight, weight * value and weight * value^2. The SSE of a run is Monge in its ends."""
+    m = c0.size - 1
+    sums = np.stack([c0, c1, c2])
+
+    def cost(a, b):  # SSE of bins [a, b), a < b
+        weight, moment, square = sums[:, b] - sums[:, a]
+        return np.maximum(square - moment * moment / weight, 0)
+
+    # best[j]: least SSE of bins [0, j) in as many runs as the layers so far; splits[c][j]: where
+    # the last run starts in it with c + 2 runs.
+    best = np.concatenate([[np.inf], cost(np.zeros(m, dtype=np.int64), np.arange(1, m + 1))])
+    split = np.zeros(m + 1, dtype=np.int64)
+    splits = []
+    for _ in range(1, size):
+        best, split = _monotone_min_plus(best, cost, split)
+        splits.append(split)
+    edges = [m]
+    for split in reversed(splits):
+        edges.append(int(split[edges[-1]]))
+    edges.append(0)
+    return np.array(edges[::-1])
 
 
 def _fp8_codebook(v, w, size):
     """`size` finite E4M3 values minimising the weighted SSE of every value to its nearest chosen
     one: exact DP over the candidates (1-D assignment to the nearest of the chosen entries splits
     the sorted values at midpoints, so each gap between two consecutive chosen candidates costs an
-    amount computable from prefix sums). Fewer distinct candidates than `size` (b = 8: 253 < 256)
-    gives every candidate, the largest repeated."""
+    amount computable from prefix sums). That gap cost is Monge: for a <= b <= c <= d, each value
+    in (b, c] pays min(|x-a|, |x-c|)^2 + min(|x-b|, |x-d|)^2 <= min(|x-a|, |x-d|)^2 +
+    min(|x-b|, |x-c|)^2 (min is supermodular) and the others plainly, so _monotone_min_plus
+    solves each layer. Fewer distinct candidates than `size` (b = 8: 253 < 256) gives every
+    candidate, the largest repeated."""
     grid = E4M3_VALUES.double()
     m = grid.numel()
     if m <= size:
@@ -175,14 +241,16 @@ def _fp8_codebook(v, w, size):
     # pair[i, j]: items in (grid[i], grid[j]] each to the nearer of the two; inf unless i < j.
     pair = to_center(at[i].expand(m, m), mid, grid[i]) + to_center(mid, at[j].expand(m, m), grid[j])
     pair = torch.where(i < j, pair, torch.inf)
-    best = head
-    choice = torch.zeros(size, m, dtype=torch.long)
-    for c in range(1, size):
-        best, choice[c] = (best[:, None] + pair).min(0)
-    last = int((best + tail).argmin())
-    chosen = [last]
-    for c in range(size - 1, 0, -1):
-        chosen.append(int(choice[c, chosen[-1]]))
+    pair = pair.numpy()
+    best = head.numpy()
+    split = np.zeros(m, dtype=np.int64)
+    splits = []
+    for _ in range(1, size):
+        best, split = _monotone_min_plus(best, lambda a, b: pair[a, b], split)
+        splits.append(split)
+    chosen = [int(np.argmin(best + tail.numpy()))]
+    for split in reversed(splits):
+        chosen.append(int(split[chosen[-1]]))
     return grid[sorted(chosen)]
 
 
@@ -192,7 +260,7 @@ def weighted_codebook(values: torch.Tensor, weights: torch.Tensor, size: int, mo
     free: optimal contiguous partition of a weighted histogram (256..512 bins; 1-D
     optimal clusters are intervals), exact as far as values sharing a bin share a cluster, then
     Lloyd steps on the raw values, which can only lower the objective. Cost: one pass over the
-    values plus bins^2 * size for the DP, independent of the number of values.
+    values plus ~bins log(bins) * size for the DP, independent of the number of values.
     fp8: exact over the finite E4M3 values (see _fp8_codebook).
     Returns a sorted float64 tensor.
     """

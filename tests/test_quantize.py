@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,7 +8,15 @@ from hypothesis import strategies as st
 
 from sopq.metrics import layer_errors
 from sopq.formats import decode_scales
-from sopq.quantize import E4M3_VALUES, fit_scales_and_codebook, nearest_code, quantize_layer, weighted_codebook
+from sopq.quantize import (
+    E4M3_VALUES,
+    _contiguous_clusters,
+    _fp8_codebook,
+    fit_scales_and_codebook,
+    nearest_code,
+    quantize_layer,
+    weighted_codebook,
+)
 
 
 def weighted_sse(values, weights, codebook):
@@ -30,11 +39,11 @@ def brute_force_sse(values, weights, size):
     return best
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    values=st.lists(st.integers(-100, 100), min_size=5, max_size=9, unique=True),
-    weights=st.lists(st.floats(0.1, 10.0), min_size=9, max_size=9),
-    size=st.integers(2, 4),
+    values=st.lists(st.integers(-100, 100), min_size=5, max_size=11, unique=True),
+    weights=st.lists(st.floats(0.1, 10.0), min_size=11, max_size=11),
+    size=st.integers(2, 6),
 )
 def test_codebook_matches_brute_force(values, weights, size):
     # Distinct integers span at most 200, so with 256 histogram bins (width < 1) each lands in a
@@ -45,6 +54,89 @@ def test_codebook_matches_brute_force(values, weights, size):
     assert codebook.shape == (size,)
     assert torch.all(codebook[1:] >= codebook[:-1])
     assert weighted_sse(v, w, codebook) <= brute_force_sse(v, w, size) * (1 + 1e-9) + 1e-12
+
+
+def reference_clusters(c0, c1, c2, size):
+    """Plain O(bins^2 * size) DP: every start of the last run tried for every prefix."""
+    m = c0.size - 1
+    a, b = np.arange(m + 1)[:, None], np.arange(m + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.maximum((c2[b] - c2[a]) - (c1[b] - c1[a]) ** 2 / (c0[b] - c0[a]), 0)
+    cost = np.where(a < b, cost, np.inf)
+    best, splits = cost[0], []
+    for _ in range(1, size):
+        splits.append((best[:, None] + cost).argmin(0))
+        best = (best[:, None] + cost).min(0)
+    edges = [m]
+    for split in reversed(splits):
+        edges.append(int(split[edges[-1]]))
+    return np.array([0, *edges[::-1]])
+
+
+def run_sse(c0, c1, c2, edges):
+    a, b = edges[:-1], edges[1:]
+    return float(np.sum((c2[b] - c2[a]) - (c1[b] - c1[a]) ** 2 / (c0[b] - c0[a])))
+
+
+def random_histogram(rng, kind, bins):
+    centers = np.sort(rng.uniform(-1, 1, bins))
+    if kind == "gaussian":
+        mass = np.exp(-(centers**2) * 8) * rng.uniform(0.5, 1.5, bins)
+    elif kind == "heavy_tail":
+        mass = 1 / (1 + (centers * 20) ** 2) ** 2 * rng.uniform(0.5, 1.5, bins)
+    elif kind == "gaps":  # a few dense lumps and near-empty bins between them
+        mass = rng.exponential(size=bins) * (rng.uniform(size=bins) < 0.3) + 1e-9
+    else:  # equal weights on an even grid: many exact ties between partitions
+        centers, mass = np.linspace(-1, 1, bins), np.ones(bins)
+    spread = rng.uniform(0, 1e-3, bins) * mass  # within-bin variance
+    c0, c1, c2 = (np.concatenate([[0.0], np.cumsum(t)]) for t in (mass, mass * centers, mass * centers**2 + spread))
+    return c0, c1, c2
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tail", "gaps", "even"])
+@pytest.mark.parametrize("bins,size", [(40, 2), (40, 7), (256, 16), (256, 64), (512, 32), (512, 256)])
+def test_contiguous_clusters_match_reference_dp(kind, bins, size):
+    rng = np.random.default_rng(bins * 1000 + size)
+    c0, c1, c2 = random_histogram(rng, kind, bins)
+    edges = _contiguous_clusters(c0, c1, c2, size)
+    expected = reference_clusters(c0, c1, c2, size)
+    assert edges[0] == 0 and edges[-1] == bins and np.all(np.diff(edges) > 0) and edges.size == size + 1
+    if kind == "even":  # ties: any optimal partition, at the reference's cost
+        assert run_sse(c0, c1, c2, edges) == pytest.approx(run_sse(c0, c1, c2, expected), rel=1e-12, abs=1e-15)
+    else:
+        assert edges.tolist() == expected.tolist()
+
+
+def reference_fp8(v, w, size):
+    """Plain O(candidates^2 * size) DP over the E4M3 values, each gap costed item by item."""
+    grid = E4M3_VALUES.double().numpy()
+    m = grid.size
+    gap = np.full((m, m), np.inf)
+    for i in range(m):
+        for j in range(i + 1, m):
+            inside = (v > grid[i]) & (v <= grid[j])
+            gap[i, j] = np.sum(w[inside] * np.minimum((v[inside] - grid[i]) ** 2, (v[inside] - grid[j]) ** 2))
+    head = np.array([np.sum(w[v <= g] * (v[v <= g] - g) ** 2) for g in grid])
+    tail = np.array([np.sum(w[v > g] * (v[v > g] - g) ** 2) for g in grid])
+    best, splits = head, []
+    for _ in range(1, size):
+        splits.append((best[:, None] + gap).argmin(0))
+        best = (best[:, None] + gap).min(0)
+    chosen = [int(np.argmin(best + tail))]
+    for split in reversed(splits):
+        chosen.append(int(split[chosen[-1]]))
+    return grid[sorted(chosen)]
+
+
+@pytest.mark.parametrize("size", [4, 16, 32])
+def test_fp8_codebook_matches_reference_dp(size):
+    g = torch.Generator().manual_seed(size)
+    v = torch.randn(300, generator=g, dtype=torch.float64) * 40
+    w = torch.rand(300, generator=g, dtype=torch.float64)
+    order = v.argsort()
+    codebook = _fp8_codebook(v, w, size)
+    expected = reference_fp8(v[order].numpy(), w[order].numpy(), size)
+    assert codebook.tolist() == expected.tolist()
 
 
 def test_codebook_weights_pull_entries():
@@ -122,7 +214,7 @@ def test_quantize_is_deterministic():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    values=st.lists(st.floats(0.9, 1.6), min_size=3, max_size=30),
+    values=st.lists(st.floats(0.7, 2.5), min_size=3, max_size=30),
     weights=st.lists(st.floats(0.1, 10.0), min_size=30, max_size=30),
     size=st.integers(2, 4),
 )
