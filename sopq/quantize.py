@@ -66,29 +66,34 @@ class NearestCode:
 
     Same result as bucketize against the midpoints except for values within float rounding of a
     midpoint (exact ties either way), and several times cheaper: a uniform lookup table over the
-    midpoints' span with cells at most half as wide as the closest two midpoints, so each cell
-    holds at most one midpoint and one comparison finishes the search. Codebooks whose midpoints
-    are too close for the table (duplicated entries) fall back to bucketize."""
+    midpoints' span with cells at most half as wide as the closest two distinct midpoints, so each
+    cell holds at most one distinct midpoint and one comparison finishes the search. Repeated
+    entries (a codebook with fewer distinct values than codes, common on GGUF sources whose
+    weights sit on a coarse grid) repeat a midpoint: passing it counts all its copies at once.
+    Midpoints too close for the table fall back to bucketize."""
 
     def __init__(self, codebook: torch.Tensor):
         self.dtype = codebook.dtype
         self.midpoints = (codebook[1:] + codebook[:-1]) / 2
         self.lut = None
-        if self.midpoints.numel() < 2:
+        distinct = torch.unique_consecutive(self.midpoints)
+        if distinct.numel() < 2:
             return
-        lo, hi = self.midpoints[0].item(), self.midpoints[-1].item()
-        gap = (self.midpoints[1:] - self.midpoints[:-1]).min().item()
-        if not gap > 0 or (hi - lo) / gap > MAX_LOOKUP_CELLS / 2:
+        lo, hi = distinct[0].item(), distinct[-1].item()
+        gap = (distinct[1:] - distinct[:-1]).min().item()
+        if not (hi - lo) / gap <= MAX_LOOKUP_CELLS / 2:  # also false for NaN
             return
         cells = int((hi - lo) / gap * 2) + 2
-        self.lo, self.per_cell = lo, (cells - 1) / (hi - lo)
-        self.cells = cells
-        edges = lo + torch.arange(cells + 1, dtype=self.dtype) / self.per_cell
-        # lut[c]: midpoints below the left edge of cell c; inner[c]: the midpoint inside cell c
-        # (the first one at or above its left edge), or +inf past the last midpoint.
-        self.lut = torch.bucketize(edges[:-1], self.midpoints)
-        inner = torch.cat([self.midpoints, torch.full((1,), torch.inf, dtype=self.dtype)])
-        self.inner = torch.where(self.midpoints[-1] >= edges[:-1], inner[self.lut], torch.inf)
+        per_cell = (cells - 1) / (hi - lo)
+        if not per_cell < torch.finfo(self.dtype).max:  # a span of subnormals
+            return
+        self.lo, self.per_cell, self.cells = lo, per_cell, cells
+        left_edges = lo + torch.arange(cells, dtype=self.dtype) / self.per_cell
+        # lut[c]: midpoints below the left edge of cell c; inner[c]: the first midpoint at or
+        # above that edge (+inf past the last one); past[c]: midpoints at or below inner[c].
+        self.lut = torch.bucketize(left_edges, self.midpoints)
+        self.inner = torch.cat([self.midpoints, torch.full((1,), torch.inf, dtype=self.dtype)])[self.lut]
+        self.past = torch.bucketize(self.inner, self.midpoints, right=True)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         u = u.to(self.dtype)
@@ -97,7 +102,7 @@ class NearestCode:
         # Values below the first cell land in cell 0, whose count is 0 and whose midpoint is the
         # first one; values past the last cell in the last cell, likewise.
         cell = (u - self.lo).mul_(self.per_cell).clamp_(0, self.cells - 1).long()
-        return self.lut[cell] + (u > self.inner[cell])
+        return torch.where(u > self.inner[cell], self.past[cell], self.lut[cell])
 
 
 def nearest_code(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

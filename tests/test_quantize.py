@@ -155,19 +155,25 @@ def test_unknown_mode_is_a_clear_error():
         weighted_codebook(torch.randn(10), torch.ones(10), 4, mode="fp4")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    entries=st.lists(st.floats(-8, 8, width=32), min_size=2, max_size=64, unique=True),
+    distinct=st.lists(st.floats(-8, 8, width=32), min_size=1, max_size=40, unique=True),
+    repeats=st.lists(st.integers(1, 4), min_size=40, max_size=40),
     values=st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=200),
 )
-def test_nearest_code_agrees_with_bucketize_except_exact_ties(entries, values):
-    codebook = torch.tensor(sorted(entries))
-    u = torch.tensor(values)
+def test_nearest_code_agrees_with_bucketize_except_exact_ties(distinct, repeats, values):
+    # Repeated entries (codebooks with fewer distinct values than codes) included.
+    codebook = torch.tensor([e for e, r in zip(sorted(distinct), repeats) for _ in range(r)])
+    if codebook.numel() < 2:
+        codebook = codebook.repeat(2)
+    u = torch.tensor(values + codebook.tolist())
     midpoints = (codebook[1:] + codebook[:-1]) / 2
     expected = torch.bucketize(u, midpoints)
     got = nearest_code(u, codebook)
     differ = got != expected
     # Only values within float rounding of a midpoint (a tie: both entries equally near) may differ.
+    to_midpoint = (u[differ, None] - midpoints).abs().min(-1).values if differ.any() else torch.zeros(0)
+    assert torch.all(to_midpoint <= 1e-5 * u[differ].abs().clamp(min=1))
     dist_got = (u - codebook[got]).abs()
     dist_expected = (u - codebook[expected]).abs()
     assert torch.allclose(dist_got[differ], dist_expected[differ], rtol=1e-5, atol=1e-6)
