@@ -292,8 +292,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    # One factorization instead of three (Cholesky, inverse, Cholesky of the inverse): with J the
+    # reversal permutation and J H J = L L^T, H^-1 = U^T U for U = J L^-1 J, upper triangular
+    # with a positive diagonal, hence the upper Cholesky factor of H^-1.
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=H.dtype), upper=False)
+    return L_inv.flip(0, 1).float()
 
 
 def gptq_round(W, hinv_chol, round_column: Callable[[int, torch.Tensor], torch.Tensor], block=128):
@@ -301,29 +305,29 @@ def gptq_round(W, hinv_chol, round_column: Callable[[int, torch.Tensor], torch.T
     column` (any fixed grid: a codebook with scales, FP8, INT6 ...), each column's rounding error
     pushed onto the columns not yet rounded through the inverse Gram matrix (its upper Cholesky
     factor, from inverse_cholesky), which minimises ||(W - W_hat) X|| greedily. Returns W_hat."""
-    W = W.float().clone()
-    n, k = W.shape
-    W_hat = torch.empty_like(W)
+    # Work on W^T, so that every step reads and writes contiguous rows instead of strided columns.
+    Wt = W.float().T.contiguous()
+    k, n = Wt.shape
+    Wt_hat = torch.empty_like(Wt)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
+        E1 = torch.empty(i2 - i1, n)
         Hinv1 = hinv_chol[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = W1[:, i]
+            col = Wt[i1 + i]
             rounded = round_column(i1 + i, col)
-            W_hat[:, i1 + i] = rounded
-            err = (col - rounded) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ hinv_chol[i1:i2, i2:]
-    return W_hat
+            Wt_hat[i1 + i] = rounded
+            E1[i] = (col - rounded) / Hinv1[i, i]
+            Wt[i1 + i + 1 : i2].addr_(Hinv1[i, i + 1 :], E1[i], alpha=-1)
+        Wt[i2:] -= hinv_chol[i1:i2, i2:].T @ E1
+    return Wt_hat.T.contiguous()
 
 
-def _output_error(W, W_hat, H):
-    # float32 suffices to compare two candidate reconstructions of the same layer.
-    dW = (W - W_hat).float()
-    return ((dW @ H.float()) * dW).sum().item()
+def _output_error_change(W, before, after, H):
+    """E(after) - E(before) for the output error E(X) = tr((W - X) H (W - X)^T), with one matmul:
+    for symmetric H it equals tr((before - after) H (2 W - before - after)^T). float32 suffices to
+    compare two candidate reconstructions of the same layer."""
+    return (((before - after).float() @ H.float()) * (2 * W - before - after).float()).sum().item()
 
 
 def refit_codebook(W, H, codes, codebook, scales_full):
@@ -339,9 +343,8 @@ def refit_codebook(W, H, codes, codebook, scales_full):
     candidate = torch.where(mass > 0, moment / mass.clamp(min=1e-300), codebook.double()).half().float()
     if not torch.all(candidate[1:] >= candidate[:-1]):
         return codebook, False  # a sorted codebook is part of the format
-    before = _output_error(W, scales_full * codebook[codes.long()], H)
-    after = _output_error(W, scales_full * candidate[codes.long()], H)
-    return (candidate, True) if after < before else (codebook, False)
+    change = _output_error_change(W, scales_full * codebook[codes.long()], scales_full * candidate[codes.long()], H)
+    return (candidate, True) if change < 0 else (codebook, False)
 
 
 def quantize_layer(
@@ -361,7 +364,8 @@ def quantize_layer(
         if hinv_chol is None:
             hinv_chol = inverse_cholesky(H)
         nearest = NearestCode(codebook)
-        W_hat = gptq_round(W, hinv_chol, lambda i, col: s_full[:, i] * codebook[nearest(col / s_full[:, i])])
+        s_columns = s_full.T.contiguous()
+        W_hat = gptq_round(W, hinv_chol, lambda i, col: s_columns[i] * codebook[nearest(col / s_columns[i])])
         # W_hat / s lands on codebook entries (to float rounding): the nearest entry gives the codes.
         codes = nearest(W_hat / s_full)
         if mode == "free":

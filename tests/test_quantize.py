@@ -7,7 +7,10 @@ from hypothesis import strategies as st
 
 from sopq.metrics import layer_errors
 from sopq.formats import decode_scales
-from sopq.quantize import E4M3_VALUES, fit_scales_and_codebook, nearest_code, quantize_layer, weighted_codebook
+from sopq.quantize import (
+    E4M3_VALUES, _output_error_change, fit_scales_and_codebook, gptq_round, inverse_cholesky, nearest_code, quantize_layer,
+    weighted_codebook,
+)
 
 
 def weighted_sse(values, weights, codebook):
@@ -210,3 +213,36 @@ def test_fp8_mode_layer_decodes_to_e4m3_codebook_values():
     # E8M0 scales times E4M3 entries: every weight is a power of two times an E4M3 value.
     assert set(q.codebook.float().tolist()) <= set(E4M3_VALUES.tolist())
     assert layer_errors(W, q.dequantize(), H)["e_out"] < 1e-3
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    _, H = correlated_layer(k=40, seed=6)
+    H[3, :] = H[:, 3] = 0  # an input never active in calibration
+    U = inverse_cholesky(H).double()
+    damped = H.clone()
+    damped[3, 3] = 1
+    damped += 0.01 * torch.diag(damped).mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.equal(U, U.triu()) and (torch.diagonal(U) > 0).all()
+    assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 7, 128])
+def test_gptq_round_matches_unblocked_error_feedback(block):
+    # A smooth "rounding" (shrink every column) checks the error propagation itself: with a grid,
+    # float rounding could flip a tie and hide or fake a difference.
+    W, H = correlated_layer(n=8, k=50, seed=7)
+    hinv = inverse_cholesky(H)
+    got = gptq_round(W, hinv, lambda i, col: 0.9 * col, block=block)
+    expected, rest = torch.empty_like(W), W.clone()
+    for i in range(W.shape[1]):  # textbook GPTQ: each error goes straight onto every later column
+        expected[:, i] = 0.9 * rest[:, i]
+        rest[:, i:] -= ((rest[:, i] - expected[:, i]) / hinv[i, i]).unsqueeze(1) * hinv[i, i:]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_error_change_equals_the_difference_of_output_errors():
+    W, H = correlated_layer(seed=8)
+    g = torch.Generator().manual_seed(8)
+    before, after = W + 0.1 * torch.randn(W.shape, generator=g), W + 0.05 * torch.randn(W.shape, generator=g)
+    error = lambda X: layer_errors(W, X, H)["e_out"] * torch.trace(W.double() @ H @ W.double().T).item()  # noqa: E731
+    assert _output_error_change(W, before, after, H) == pytest.approx(error(after) - error(before), rel=1e-4)
