@@ -37,6 +37,8 @@ ALTERNATION_TOL = 1e-3
 MAX_ALTERNATIONS = 2
 # Upper bound of the nearest-code lookup table (see NearestCode).
 MAX_LOOKUP_CELLS = 1 << 16
+# Weights per block in the clipping search and Lloyd steps (see _group_error).
+CHUNK_ELEMENTS = 1 << 16
 
 
 def _e4m3_grid() -> torch.Tensor:
@@ -101,8 +103,10 @@ class NearestCode:
             return torch.bucketize(u, self.midpoints)
         # Values below the first cell land in cell 0, whose count is 0 and whose midpoint is the
         # first one; values past the last cell in the last cell, likewise.
-        cell = (u - self.lo).mul_(self.per_cell).clamp_(0, self.cells - 1).long()
-        return torch.where(u > self.inner[cell], self.past[cell], self.lut[cell])
+        # int32 cells and index_select: several times cheaper than int64 advanced indexing.
+        cell = (u - self.lo).mul_(self.per_cell).clamp_(0, self.cells - 1).to(torch.int32).flatten()
+        above = u.flatten() > self.inner.index_select(0, cell)
+        return torch.where(above, self.past.index_select(0, cell), self.lut.index_select(0, cell)).view(u.shape)
 
 
 def nearest_code(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -213,10 +217,17 @@ def weighted_codebook(values: torch.Tensor, weights: torch.Tensor, size: int, mo
 
 
 def lloyd_refine(v: torch.Tensor, w: torch.Tensor, centers: torch.Tensor, steps: int = LLOYD_STEPS) -> torch.Tensor:
+    """Lloyd steps from sorted centers on values v with weights w, over blocks of CHUNK_ELEMENTS
+    values (cheaper: see _group_error)."""
+    weighted = w * v
+    size = centers.numel()
     for _ in range(steps):
-        q = nearest_code(v, centers)
-        mass = torch.bincount(q, weights=w, minlength=centers.numel())
-        moment = torch.bincount(q, weights=w * v, minlength=centers.numel())
+        nearest = NearestCode(centers)
+        mass, moment = torch.zeros(size, dtype=w.dtype), torch.zeros(size, dtype=w.dtype)
+        for a in range(0, v.numel(), CHUNK_ELEMENTS):
+            q = nearest(v[a : a + CHUNK_ELEMENTS])
+            mass += torch.bincount(q, weights=w[a : a + CHUNK_ELEMENTS], minlength=size)
+            moment += torch.bincount(q, weights=weighted[a : a + CHUNK_ELEMENTS], minlength=size)
         centers = torch.where(mass > 0, moment / mass.clamp(min=1e-300), centers).sort().values
     return centers
 
@@ -229,11 +240,17 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _group_error(w_g, h_g, s, codebook):
-    """Weighted squared error per (row, group) when group scale is s (N, G)."""
-    u = w_g / s.unsqueeze(-1)
-    q = nearest_code(u, codebook)
-    err = w_g - s.unsqueeze(-1) * codebook[q]
-    return (h_g * err * err).sum(-1)
+    """Weighted squared error per (row, group) when group scale is s (N, G). Computed on blocks
+    of about CHUNK_ELEMENTS weights: the temporaries then stay in cache, and below the size at
+    which every fresh allocation is a new mmap whose page faults cost more than the arithmetic."""
+    nearest = NearestCode(codebook)
+    rows = max(1, CHUNK_ELEMENTS // w_g[0].numel())
+    error = torch.empty(s.shape)
+    for r in range(0, s.shape[0], rows):
+        w, scale = w_g[r : r + rows], s[r : r + rows].unsqueeze(-1)
+        diff = w - scale * codebook[nearest(w / scale)]
+        error[r : r + rows] = (h_g[r : r + rows] * diff * diff).sum(-1)
+    return error
 
 
 def _store_codebook(codebook: torch.Tensor, mode: str) -> torch.Tensor:
