@@ -12,10 +12,10 @@ from sopq.packing import pack_codes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
-# (M, N, K): none a multiple of every block size (interpreter blocks are M x 256 x tile_k(bits),
-# tile_k 128..512; GPU blocks 32..128 x tile_k), with N > 256 and K > 256 to cross block and
-# plane-chunk boundaries. M <= 4 takes the gemv kernel, larger M the mma kernel.
-SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40)]
+# (M, N, K): none a multiple of every block size (interpreter blocks are M x up to 4096 rows x
+# tile_k(bits), tile_k 128..512; GPU blocks 32..128 x tile_k), with N > 4096 and K > 256 to cross
+# block and plane-chunk boundaries. M <= 4 takes the gemv kernel, larger M the mma kernel.
+SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (3, 4100, 200)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
 
 
