@@ -246,3 +246,21 @@ def test_output_error_change_equals_the_difference_of_output_errors():
     before, after = W + 0.1 * torch.randn(W.shape, generator=g), W + 0.05 * torch.randn(W.shape, generator=g)
     error = lambda X: layer_errors(W, X, H)["e_out"] * torch.trace(W.double() @ H @ W.double().T).item()  # noqa: E731
     assert _output_error_change(W, before, after, H) == pytest.approx(error(after) - error(before), rel=1e-4)
+
+
+def test_blockwise_search_error_and_lloyd_do_not_depend_on_the_block_size(monkeypatch):
+    import sopq.quantize as quantize
+
+    W, H = correlated_layer(seed=9)
+    w_g = quantize._grouped(W, 32)
+    h_g = quantize._grouped(torch.diagonal(H).float().unsqueeze(0), 32).expand_as(w_g)
+    s = w_g.abs().amax(-1)
+    codebook = torch.linspace(-1, 1, 32)
+    v, w = (W / 3).flatten().double(), torch.rand(W.numel(), dtype=torch.float64)
+    results = []
+    for chunk in (1 << 30, 7 * 96, 5):  # one block; 7 rows; one row (Lloyd: 5 values) at a time
+        monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", chunk)
+        results.append((quantize._group_error(w_g, h_g, s, codebook), quantize.lloyd_refine(v, w, codebook.double())))
+    for error, centers in results[1:]:
+        assert torch.equal(error, results[0][0])
+        assert torch.allclose(centers, results[0][1], rtol=1e-12, atol=0)
