@@ -47,13 +47,14 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
         codebook = t["codebook"].to(device)  # the kernel reads the lookup table as stored (fp16)
         shape = dict(bits=meta["bits"], group=meta["group"], n=n, k=k)
         x = torch.randn(m, k, generator=generator).to(device, torch.float16)
-        run = lambda: lut_matmul(x, words, codebook, scales, **shape)  # noqa: E731
+        config = launch_config(m, n, k, meta["bits"], interpreted=not cuda)
+        run = lambda: lut_matmul(x, words, codebook, scales, **shape, config=config)  # noqa: E731
         y = run().double().cpu()
         y_ref = reference_lut_matmul(x, words, codebook, scales, **shape)
         row = {
             "layer": name, "bits": meta["bits"], "n": n, "k": k, "m": m,
             "max_abs_err": (y - y_ref).abs().max().item(), "rel_err": relative_error(y, y_ref),
-            "kernel": launch_config(m, n, k, meta["bits"], interpreted=not cuda).kernel,
+            "kernel": config.kernel, "block_n": config.block_n,
             "device": device_name, "kernel_us": float("nan"), "torch_us": float("nan"),
         }
         if cuda:

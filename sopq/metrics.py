@@ -1,32 +1,20 @@
-"""Per-layer reconstruction metrics, all in float64."""
+"""Per-layer reconstruction metrics."""
 from __future__ import annotations
 
 import torch
 
 
-def _h_inner(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """tr(A H B^T): the inner product of two weight matrices under the input Gram matrix."""
-    return ((A @ H) * B).sum()
+def _relative(error: torch.Tensor, norm: torch.Tensor) -> float:
+    # A layer with zero output (or zero weight) has no relative error to speak of: 0 if the
+    # quantized layer reproduces it exactly, NaN (undefined) otherwise.
+    return (error / norm).item() if norm > 0 else (0.0 if error == 0 else float("nan"))
 
 
 def layer_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> dict[str, float]:
     """e_out: tr(dW H dW^T) / tr(W H W^T), the relative error of the layer's outputs on the
     calibration inputs; mse: ||dW||^2 / ||W||^2; acos: cosine of W and W_hat under the H inner
-    product (activation-weighted cosine similarity)."""
-    W, W_hat, H = W.double(), W_hat.double(), H.double()
-    dW = W - W_hat
-    w_norm = _h_inner(W, W, H)
-    what_norm = _h_inner(W_hat, W_hat, H)
-    dw_norm = _h_inner(dW, dW, H)
-    # A layer with zero output (or zero weight) has no relative error to speak of: 0 if the
-    # quantized layer reproduces it exactly, NaN (undefined) otherwise.
-    return {
-        "e_out": (dw_norm / w_norm).item() if w_norm > 0 else (0.0 if dw_norm == 0 else float("nan")),
-        "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else (0.0 if not dW.any() else float("nan")),
-        "acos": (_h_inner(W, W_hat, H) / (w_norm * what_norm).sqrt()).item()
-        if w_norm > 0 and what_norm > 0
-        else float("nan"),
-    }
+    product (activation-weighted cosine similarity). Precision: see layer_errors_many."""
+    return layer_errors_many(W, {"": W_hat}, H)[""]
 
 
 def layer_errors_many(W: torch.Tensor, W_hats: dict, H: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -38,16 +26,17 @@ def layer_errors_many(W: torch.Tensor, W_hats: dict, H: torch.Tensor) -> dict[st
     W, H = W.double(), H.double()
     WH = W @ H
     w_norm = (WH * W).sum()
+    w_square = W.square().sum()
     H32 = H.float()
     out = {}
     for name, W_hat in W_hats.items():
         dW = W - W_hat.double()
         e = ((dW.float() @ H32).double() * dW).sum()
-        cross = w_norm - (WH * dW).sum()  # tr(W H W_hat^T)
-        what_norm = w_norm - 2 * (WH * dW).sum() + e
+        cross = (WH * dW).sum()  # tr(W H dW^T)
+        what_norm = w_norm - 2 * cross + e
         out[name] = {
-            "e_out": (e / w_norm).item() if w_norm > 0 else float("nan"),
-            "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else float("nan"),
-            "acos": (cross / (w_norm * what_norm).sqrt()).item() if w_norm > 0 and what_norm > 0 else float("nan"),
+            "e_out": _relative(e, w_norm),
+            "mse": _relative(dW.square().sum(), w_square),
+            "acos": ((w_norm - cross) / (w_norm * what_norm).sqrt()).item() if w_norm > 0 and what_norm > 0 else float("nan"),
         }
     return out

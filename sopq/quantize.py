@@ -43,6 +43,8 @@ ALTERNATION_TOL = 1e-3
 MAX_ALTERNATIONS = 2
 # Upper bound of the nearest-code lookup table (see NearestCode).
 MAX_LOOKUP_CELLS = 1 << 16
+# Weights per block in the clipping search and Lloyd steps (see _group_error).
+CHUNK_ELEMENTS = 1 << 16
 
 
 def _e4m3_grid() -> torch.Tensor:
@@ -72,29 +74,34 @@ class NearestCode:
 
     Same result as bucketize against the midpoints except for values within float rounding of a
     midpoint (exact ties either way), and several times cheaper: a uniform lookup table over the
-    midpoints' span with cells at most half as wide as the closest two midpoints, so each cell
-    holds at most one midpoint and one comparison finishes the search. Codebooks whose midpoints
-    are too close for the table (duplicated entries) fall back to bucketize."""
+    midpoints' span with cells at most half as wide as the closest two distinct midpoints, so each
+    cell holds at most one distinct midpoint and one comparison finishes the search. Repeated
+    entries (a codebook with fewer distinct values than codes, common on GGUF sources whose
+    weights sit on a coarse grid) repeat a midpoint: passing it counts all its copies at once.
+    Midpoints too close for the table fall back to bucketize."""
 
     def __init__(self, codebook: torch.Tensor):
         self.dtype = codebook.dtype
         self.midpoints = (codebook[1:] + codebook[:-1]) / 2
         self.lut = None
-        if self.midpoints.numel() < 2:
+        distinct = torch.unique_consecutive(self.midpoints)
+        if distinct.numel() < 2:
             return
-        lo, hi = self.midpoints[0].item(), self.midpoints[-1].item()
-        gap = (self.midpoints[1:] - self.midpoints[:-1]).min().item()
-        if not gap > 0 or (hi - lo) / gap > MAX_LOOKUP_CELLS / 2:
+        lo, hi = distinct[0].item(), distinct[-1].item()
+        gap = (distinct[1:] - distinct[:-1]).min().item()
+        if not (hi - lo) / gap <= MAX_LOOKUP_CELLS / 2:  # also false for NaN
             return
         cells = int((hi - lo) / gap * 2) + 2
-        self.lo, self.per_cell = lo, (cells - 1) / (hi - lo)
-        self.cells = cells
-        edges = lo + torch.arange(cells + 1, dtype=self.dtype) / self.per_cell
-        # lut[c]: midpoints below the left edge of cell c; inner[c]: the midpoint inside cell c
-        # (the first one at or above its left edge), or +inf past the last midpoint.
-        self.lut = torch.bucketize(edges[:-1], self.midpoints)
-        inner = torch.cat([self.midpoints, torch.full((1,), torch.inf, dtype=self.dtype)])
-        self.inner = torch.where(self.midpoints[-1] >= edges[:-1], inner[self.lut], torch.inf)
+        per_cell = (cells - 1) / (hi - lo)
+        if not per_cell < torch.finfo(self.dtype).max:  # a span of subnormals
+            return
+        self.lo, self.per_cell, self.cells = lo, per_cell, cells
+        left_edges = lo + torch.arange(cells, dtype=self.dtype) / self.per_cell
+        # lut[c]: midpoints below the left edge of cell c; inner[c]: the first midpoint at or
+        # above that edge (+inf past the last one); past[c]: midpoints at or below inner[c].
+        self.lut = torch.bucketize(left_edges, self.midpoints)
+        self.inner = torch.cat([self.midpoints, torch.full((1,), torch.inf, dtype=self.dtype)])[self.lut]
+        self.past = torch.bucketize(self.inner, self.midpoints, right=True)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         u = u.to(self.dtype)
@@ -102,8 +109,10 @@ class NearestCode:
             return torch.bucketize(u, self.midpoints)
         # Values below the first cell land in cell 0, whose count is 0 and whose midpoint is the
         # first one; values past the last cell in the last cell, likewise.
-        cell = (u - self.lo).mul_(self.per_cell).clamp_(0, self.cells - 1).long()
-        return self.lut[cell] + (u > self.inner[cell])
+        # int32 cells and index_select: several times cheaper than int64 advanced indexing.
+        cell = (u - self.lo).mul_(self.per_cell).clamp_(0, self.cells - 1).to(torch.int32).flatten()
+        above = u.flatten() > self.inner.index_select(0, cell)
+        return torch.where(above, self.past.index_select(0, cell), self.lut.index_select(0, cell)).view(u.shape)
 
 
 def nearest_code(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -276,10 +285,17 @@ def weighted_codebook(values: torch.Tensor, weights: torch.Tensor, size: int, mo
 
 
 def lloyd_refine(v: torch.Tensor, w: torch.Tensor, centers: torch.Tensor, steps: int = LLOYD_STEPS) -> torch.Tensor:
+    """Lloyd steps from sorted centers on values v with weights w, over blocks of CHUNK_ELEMENTS
+    values (cheaper: see _group_error)."""
+    weighted = w * v
+    size = centers.numel()
     for _ in range(steps):
-        q = nearest_code(v, centers)
-        mass = torch.bincount(q, weights=w, minlength=centers.numel())
-        moment = torch.bincount(q, weights=w * v, minlength=centers.numel())
+        nearest = NearestCode(centers)
+        mass, moment = torch.zeros(size, dtype=w.dtype), torch.zeros(size, dtype=w.dtype)
+        for a in range(0, v.numel(), CHUNK_ELEMENTS):
+            q = nearest(v[a : a + CHUNK_ELEMENTS])
+            mass += torch.bincount(q, weights=w[a : a + CHUNK_ELEMENTS], minlength=size)
+            moment += torch.bincount(q, weights=weighted[a : a + CHUNK_ELEMENTS], minlength=size)
         centers = torch.where(mass > 0, moment / mass.clamp(min=1e-300), centers).sort().values
     return centers
 
@@ -292,11 +308,17 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _group_error(w_g, h_g, s, codebook):
-    """Weighted squared error per (row, group) when group scale is s (N, G)."""
-    u = w_g / s.unsqueeze(-1)
-    q = nearest_code(u, codebook)
-    err = w_g - s.unsqueeze(-1) * codebook[q]
-    return (h_g * err * err).sum(-1)
+    """Weighted squared error per (row, group) when group scale is s (N, G). Computed on blocks
+    of about CHUNK_ELEMENTS weights: the temporaries then stay in cache, and below the size at
+    which every fresh allocation is a new mmap whose page faults cost more than the arithmetic."""
+    nearest = NearestCode(codebook)
+    rows = max(1, CHUNK_ELEMENTS // w_g[0].numel())
+    error = torch.empty(s.shape)
+    for r in range(0, s.shape[0], rows):
+        w, scale = w_g[r : r + rows], s[r : r + rows].unsqueeze(-1)
+        diff = w - scale * codebook[nearest(w / scale)]
+        error[r : r + rows] = (h_g[r : r + rows] * diff * diff).sum(-1)
+    return error
 
 
 def _store_codebook(codebook: torch.Tensor, mode: str) -> torch.Tensor:
@@ -355,8 +377,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    # One factorization instead of three (Cholesky, inverse, Cholesky of the inverse): with J the
+    # reversal permutation and J H J = L L^T, H^-1 = U^T U for U = J L^-1 J, upper triangular
+    # with a positive diagonal, hence the upper Cholesky factor of H^-1.
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=H.dtype), upper=False)
+    return L_inv.flip(0, 1).float()
 
 
 def gptq_round(W, hinv_chol, round_column: Callable[[int, torch.Tensor], torch.Tensor], block=128):
@@ -364,29 +390,29 @@ def gptq_round(W, hinv_chol, round_column: Callable[[int, torch.Tensor], torch.T
     column` (any fixed grid: a codebook with scales, FP8, INT6 ...), each column's rounding error
     pushed onto the columns not yet rounded through the inverse Gram matrix (its upper Cholesky
     factor, from inverse_cholesky), which minimises ||(W - W_hat) X|| greedily. Returns W_hat."""
-    W = W.float().clone()
-    n, k = W.shape
-    W_hat = torch.empty_like(W)
+    # Work on W^T, so that every step reads and writes contiguous rows instead of strided columns.
+    Wt = W.float().T.contiguous()
+    k, n = Wt.shape
+    Wt_hat = torch.empty_like(Wt)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
+        E1 = torch.empty(i2 - i1, n)
         Hinv1 = hinv_chol[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = W1[:, i]
+            col = Wt[i1 + i]
             rounded = round_column(i1 + i, col)
-            W_hat[:, i1 + i] = rounded
-            err = (col - rounded) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ hinv_chol[i1:i2, i2:]
-    return W_hat
+            Wt_hat[i1 + i] = rounded
+            E1[i] = (col - rounded) / Hinv1[i, i]
+            Wt[i1 + i + 1 : i2].addr_(Hinv1[i, i + 1 :], E1[i], alpha=-1)
+        Wt[i2:] -= hinv_chol[i1:i2, i2:].T @ E1
+    return Wt_hat.T.contiguous()
 
 
-def _output_error(W, W_hat, H):
-    # float32 suffices to compare two candidate reconstructions of the same layer.
-    dW = (W - W_hat).float()
-    return ((dW @ H.float()) * dW).sum().item()
+def _output_error_change(W, before, after, H):
+    """E(after) - E(before) for the output error E(X) = tr((W - X) H (W - X)^T), with one matmul:
+    for symmetric H it equals tr((before - after) H (2 W - before - after)^T). float32 suffices to
+    compare two candidate reconstructions of the same layer."""
+    return (((before - after).float() @ H.float()) * (2 * W - before - after).float()).sum().item()
 
 
 def refit_codebook(W, H, codes, codebook, scales_full):
@@ -402,9 +428,8 @@ def refit_codebook(W, H, codes, codebook, scales_full):
     candidate = torch.where(mass > 0, moment / mass.clamp(min=1e-300), codebook.double()).half().float()
     if not torch.all(candidate[1:] >= candidate[:-1]):
         return codebook, False  # a sorted codebook is part of the format
-    before = _output_error(W, scales_full * codebook[codes.long()], H)
-    after = _output_error(W, scales_full * candidate[codes.long()], H)
-    return (candidate, True) if after < before else (codebook, False)
+    change = _output_error_change(W, scales_full * codebook[codes.long()], scales_full * candidate[codes.long()], H)
+    return (candidate, True) if change < 0 else (codebook, False)
 
 
 def quantize_layer(
@@ -424,7 +449,8 @@ def quantize_layer(
         if hinv_chol is None:
             hinv_chol = inverse_cholesky(H)
         nearest = NearestCode(codebook)
-        W_hat = gptq_round(W, hinv_chol, lambda i, col: s_full[:, i] * codebook[nearest(col / s_full[:, i])])
+        s_columns = s_full.T.contiguous()
+        W_hat = gptq_round(W, hinv_chol, lambda i, col: s_columns[i] * codebook[nearest(col / s_columns[i])])
         # W_hat / s lands on codebook entries (to float rounding): the nearest entry gives the codes.
         codes = nearest(W_hat / s_full)
         if mode == "free":

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sopq.calibrate import load_gram
 from sopq.formats import sop_bpw
-from sopq.metrics import layer_errors
+from sopq.metrics import layer_errors_many
 from sopq.io import atomic_path
 from sopq.packing import pack_codes, unpack_codes
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
@@ -126,20 +126,25 @@ def fit_layers(
 
 def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternations):
     """Every (bits, option) fit of one layer: (rows of the sensitivity table, {option key: fit}).
-    The GPTQ factor of H is computed once and shared by all of them."""
+    The GPTQ factor of H is computed once and shared by all of them, the float64 product W H
+    behind the errors once per option (its widths' reconstructions are held together)."""
     n, k = W.shape
     hinv = inverse_cholesky(H) if error_feedback else None
     rows, fits = [], {}
     for option in options:
         g = resolve_group(option.group, k)
-        for bits in sorted(allowed_bits):
-            q = quantize_layer(W, H, bits, g, option.scale_format, error_feedback, option.mode, hinv, max_alternations)
-            rows.append(
-                {"layer": name, "bits": bits, "group": g, "scale_format": option.scale_format, "mode": option.mode,
-                 "n": n, "k": k, "bpw": sop_bpw(bits, g, option.scale_format, n, k),
-                 **layer_errors(W, q.dequantize(), H)}
-            )
-            fits[option_key(bits, g, option.scale_format, option.mode)] = q
+        option_fits = {
+            option_key(bits, g, option.scale_format, option.mode): quantize_layer(
+                W, H, bits, g, option.scale_format, error_feedback, option.mode, hinv, max_alternations)
+            for bits in sorted(allowed_bits)
+        }
+        errors = layer_errors_many(W, {key: q.dequantize() for key, q in option_fits.items()}, H)
+        rows.extend(
+            {"layer": name, "bits": q.bits, "group": g, "scale_format": option.scale_format, "mode": option.mode,
+             "n": n, "k": k, "bpw": sop_bpw(q.bits, g, option.scale_format, n, k), **errors[key]}
+            for key, q in option_fits.items()
+        )
+        fits.update(option_fits)
     return rows, fits
 
 

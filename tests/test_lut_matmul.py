@@ -13,11 +13,12 @@ from sopq.packing import pack_codes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
-# (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x 256 x 256, GPU
-# blocks 16..128 x 16..64 x 128..512), with N > 256 and K > 256 to cross block and
-# plane-chunk boundaries; the last two have K a multiple of 256 (no masks on K). M = 1 takes the
-# gemv kernel, larger M the mma kernel.
-SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512), (24, 20, 768)]
+# (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x up to 4096 rows x
+# 256, GPU blocks 16..128 x 16..64 x 128..512), with N > 4096 and K > 256 to cross block and
+# plane-chunk boundaries; (4, 50, 512) and (24, 20, 768) have K a multiple of 256 (no masks on
+# K). M = 1 takes the gemv kernel, larger M the mma kernel.
+SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512),
+          (24, 20, 768), (3, 4100, 200)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
 
 

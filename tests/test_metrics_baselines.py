@@ -91,18 +91,30 @@ def test_int_per_channel():
     assert bpw == 6 + 32 / 3
 
 
-def test_layer_errors_many_matches_layer_errors():
+def test_layer_errors_many_matches_float64_definitions():
     from sopq.metrics import layer_errors_many
 
     g = torch.Generator().manual_seed(5)
     W = torch.randn(12, 20, generator=g, dtype=torch.float64)
     X = torch.randn(200, 20, generator=g, dtype=torch.float64)
     H = X.T @ X / 200
-    hats = {"a": W + 0.01 * torch.randn(12, 20, generator=g, dtype=torch.float64), "b": fp8_per_channel(W)[0]}
+    hats = {"a": W + 0.01 * torch.randn(12, 20, generator=g, dtype=torch.float64), "b": fp8_per_channel(W)[0],
+            "tiny": W + 1e-6 * torch.randn(12, 20, generator=g, dtype=torch.float64)}
     many = layer_errors_many(W, hats, H)
     for name, W_hat in hats.items():
-        one = layer_errors(W, W_hat, H)
-        assert many[name] == pytest.approx(one, rel=1e-6)
+        dW = W - W_hat
+        norm = torch.trace(W @ H @ W.T)
+        assert many[name]["e_out"] == pytest.approx((torch.trace(dW @ H @ dW.T) / norm).item(), rel=1e-5)
+        assert many[name]["mse"] == pytest.approx((dW.square().sum() / W.square().sum()).item(), rel=1e-12)
+        acos = torch.trace(W @ H @ W_hat.T) / (norm * torch.trace(W_hat @ H @ W_hat.T)).sqrt()
+        assert many[name]["acos"] == pytest.approx(acos.item(), rel=1e-9)
+
+
+def test_layer_errors_of_a_zero_layer():
+    W = torch.zeros(2, 3)
+    assert layer_errors(W, W, torch.eye(3)) == {"e_out": 0.0, "mse": 0.0, "acos": pytest.approx(float("nan"), nan_ok=True)}
+    wrong = layer_errors(W, torch.ones(2, 3), torch.eye(3))
+    assert torch.isnan(torch.tensor([wrong["e_out"], wrong["mse"]])).all()
 
 
 @pytest.mark.parametrize("name", ["fp8_channel_ef", "fp6_e2m3_mx_ef", "int6_channel_ef"])

@@ -12,7 +12,10 @@ from sopq.quantize import (
     E4M3_VALUES,
     _contiguous_clusters,
     _fp8_codebook,
+    _output_error_change,
     fit_scales_and_codebook,
+    gptq_round,
+    inverse_cholesky,
     nearest_code,
     quantize_layer,
     weighted_codebook,
@@ -247,19 +250,25 @@ def test_unknown_mode_is_a_clear_error():
         weighted_codebook(torch.randn(10), torch.ones(10), 4, mode="fp4")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    entries=st.lists(st.floats(-8, 8, width=32), min_size=2, max_size=64, unique=True),
+    distinct=st.lists(st.floats(-8, 8, width=32), min_size=1, max_size=40, unique=True),
+    repeats=st.lists(st.integers(1, 4), min_size=40, max_size=40),
     values=st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=200),
 )
-def test_nearest_code_agrees_with_bucketize_except_exact_ties(entries, values):
-    codebook = torch.tensor(sorted(entries))
-    u = torch.tensor(values)
+def test_nearest_code_agrees_with_bucketize_except_exact_ties(distinct, repeats, values):
+    # Repeated entries (codebooks with fewer distinct values than codes) included.
+    codebook = torch.tensor([e for e, r in zip(sorted(distinct), repeats) for _ in range(r)])
+    if codebook.numel() < 2:
+        codebook = codebook.repeat(2)
+    u = torch.tensor(values + codebook.tolist())
     midpoints = (codebook[1:] + codebook[:-1]) / 2
     expected = torch.bucketize(u, midpoints)
     got = nearest_code(u, codebook)
     differ = got != expected
     # Only values within float rounding of a midpoint (a tie: both entries equally near) may differ.
+    to_midpoint = (u[differ, None] - midpoints).abs().min(-1).values if differ.any() else torch.zeros(0)
+    assert torch.all(to_midpoint <= 1e-5 * u[differ].abs().clamp(min=1))
     dist_got = (u - codebook[got]).abs()
     dist_expected = (u - codebook[expected]).abs()
     assert torch.allclose(dist_got[differ], dist_expected[differ], rtol=1e-5, atol=1e-6)
@@ -296,3 +305,54 @@ def test_fp8_mode_layer_decodes_to_e4m3_codebook_values():
     # E8M0 scales times E4M3 entries: every weight is a power of two times an E4M3 value.
     assert set(q.codebook.float().tolist()) <= set(E4M3_VALUES.tolist())
     assert layer_errors(W, q.dequantize(), H)["e_out"] < 1e-3
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    _, H = correlated_layer(k=40, seed=6)
+    H[3, :] = H[:, 3] = 0  # an input never active in calibration
+    U = inverse_cholesky(H).double()
+    damped = H.clone()
+    damped[3, 3] = 1
+    damped += 0.01 * torch.diag(damped).mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.equal(U, U.triu()) and (torch.diagonal(U) > 0).all()
+    assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 7, 128])
+def test_gptq_round_matches_unblocked_error_feedback(block):
+    # A smooth "rounding" (shrink every column) checks the error propagation itself: with a grid,
+    # float rounding could flip a tie and hide or fake a difference.
+    W, H = correlated_layer(n=8, k=50, seed=7)
+    hinv = inverse_cholesky(H)
+    got = gptq_round(W, hinv, lambda i, col: 0.9 * col, block=block)
+    expected, rest = torch.empty_like(W), W.clone()
+    for i in range(W.shape[1]):  # textbook GPTQ: each error goes straight onto every later column
+        expected[:, i] = 0.9 * rest[:, i]
+        rest[:, i:] -= ((rest[:, i] - expected[:, i]) / hinv[i, i]).unsqueeze(1) * hinv[i, i:]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_error_change_equals_the_difference_of_output_errors():
+    W, H = correlated_layer(seed=8)
+    g = torch.Generator().manual_seed(8)
+    before, after = W + 0.1 * torch.randn(W.shape, generator=g), W + 0.05 * torch.randn(W.shape, generator=g)
+    error = lambda X: layer_errors(W, X, H)["e_out"] * torch.trace(W.double() @ H @ W.double().T).item()  # noqa: E731
+    assert _output_error_change(W, before, after, H) == pytest.approx(error(after) - error(before), rel=1e-4)
+
+
+def test_blockwise_search_error_and_lloyd_do_not_depend_on_the_block_size(monkeypatch):
+    import sopq.quantize as quantize
+
+    W, H = correlated_layer(seed=9)
+    w_g = quantize._grouped(W, 32)
+    h_g = quantize._grouped(torch.diagonal(H).float().unsqueeze(0), 32).expand_as(w_g)
+    s = w_g.abs().amax(-1)
+    codebook = torch.linspace(-1, 1, 32)
+    v, w = (W / 3).flatten().double(), torch.rand(W.numel(), dtype=torch.float64)
+    results = []
+    for chunk in (1 << 30, 7 * 96, 5):  # one block; 7 rows; one row (Lloyd: 5 values) at a time
+        monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", chunk)
+        results.append((quantize._group_error(w_g, h_g, s, codebook), quantize.lloyd_refine(v, w, codebook.double())))
+    for error, centers in results[1:]:
+        assert torch.equal(error, results[0][0])
+        assert torch.allclose(centers, results[0][1], rtol=1e-12, atol=0)

@@ -2,5 +2,5 @@
 from sopq.logs import rule_log
 from sopq.packed_model import export_dequantized
 
-with rule_log(snakemake.log[0]):
+with rule_log(snakemake.log[0], snakemake.threads):
     export_dequantized(snakemake.input.packed, snakemake.output[0], model_dir=snakemake.input.model)

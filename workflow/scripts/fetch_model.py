@@ -7,7 +7,7 @@ from sopq.logs import rule_log
 from sopq.model import convert_gguf
 
 p = snakemake.params
-with rule_log(snakemake.log[0]):
+with rule_log(snakemake.log[0], snakemake.threads):
     fetch_model(
         dict(p.source),
         Path(snakemake.output[0]),
