@@ -155,10 +155,6 @@ def collect_stats(
     return recorder.table()
 
 
-def _names_in(layers, prefix: str) -> list[str]:
-    return [name for name in layers if name.startswith(prefix)]
-
-
 def collect_stats_streaming(
     model: nn.Module,
     weights,
@@ -198,13 +194,10 @@ def stream_block_stats(
     recorder = _StatsRecorder(layers)
     _check_batch_size(batch_size)
     with BlockWalk(model, weights, sequences.split(batch_size)) as walk:
-        outside = [name for name in layers if not any(name.startswith(b) for b in walk.prefixes)]
-        if outside:
-            raise ValueError(f"layers outside the model's blocks cannot be calibrated block by block: {outside}; "
-                             "exclude them or use calibration.streaming: false")
+        by_block = walk.layers_by_block(layers)
         hidden = walk.inputs
-        for i, _ in tqdm(walk.blocks(), total=len(walk.prefixes), desc="calibrate (blocks)", disable=not progress):
-            names = _names_in(layers, walk.prefixes[i])
+        for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="calibrate (blocks)", disable=not progress):
+            names = by_block[i]
             outputs = []
             with recorder.hooked(names):
                 for batch, x in enumerate(hidden):

@@ -22,14 +22,18 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
 
 
-def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
-    """causal_lm: next-token logits (B, S, V); encoder: L2-normalised mean-pooled embeddings (B, D), float64."""
-    out = run_model(model, batch)
+def comparable_output(kind: str, out) -> torch.Tensor:
+    """What variants are compared on, from the model's output: causal_lm: next-token logits
+    (B, S, V); encoder: L2-normalised mean-pooled embeddings (B, D), float64."""
     if kind == "causal_lm":
         return out.logits
     # run_model's attention mask is all ones, so the mask-weighted mean is the plain mean over tokens.
     pooled = out.last_hidden_state.double().mean(1)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
+    return comparable_output(kind, run_model(model, batch))
 
 
 def _kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -62,6 +66,51 @@ def _one_minus_cosine(ref_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return (ref_emb - emb).square().sum(-1) / 2
 
 
+def check_variant_layers(variants: dict[str, dict], layers: dict[str, nn.Module]) -> None:
+    for variant, weights in variants.items():
+        unknown = sorted(set(weights) - set(layers))
+        if unknown:
+            raise ValueError(f"variant {variant!r} names layers that are not quantizable layers: {unknown[:5]}")
+
+
+class EndToEnd:
+    """End-to-end metrics of variants against the reference, accumulated batch by batch: one
+    harness for the whole-model and the block-by-block evaluation.
+
+    causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
+    encoder columns: variant, cosine_mean, cosine_min (pooled embeddings)."""
+
+    def __init__(self, kind: str, variants):
+        _check_kind(kind)
+        self.kind = kind
+        self.per_token = {v: [] for v in variants}  # per batch: (nll, kl, agree) or 1 - cosine
+
+    def add(self, variant: str, batch: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> None:
+        """One batch's comparable_output of the reference and of the variant."""
+        if self.kind == "causal_lm":
+            self.per_token[variant].append(_next_token_metrics(ref, out, batch))
+        else:
+            self.per_token[variant].append(_one_minus_cosine(ref, out))
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for variant, batches in self.per_token.items():
+            if self.kind == "causal_lm":
+                nll, kl, agree = (torch.cat(parts) for parts in zip(*batches))
+                token_kl = kl.numpy()
+                rows.append({
+                    "variant": variant,
+                    "ppl": float(nll.mean().exp()),
+                    "kl_mean": float(token_kl.mean()),
+                    "kl_p99": float(np.percentile(token_kl, 99)),
+                    "top1": float(agree.double().mean()),
+                })
+            else:
+                cosine = 1 - torch.cat(batches)
+                rows.append({"variant": variant, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())})
+        return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def evaluate_variants(
     model: nn.Module,
@@ -72,62 +121,28 @@ def evaluate_variants(
     batch_size: int,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run every variant (layer -> W_hat (N, K), or a zero-argument callable returning it, made
-    when the variant is set so that many variants need not be held dense in memory at once;
-    empty = the reference) and compare with the reference.
-
-    causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
-    encoder columns: variant, cosine_mean, cosine_min (pooled embeddings). Original weights are
-    restored afterwards, also on errors.
+    """Run every variant (layer -> W_hat (N, K); empty = the reference) through the whole model
+    in memory and compare with the reference: EndToEnd's table. Original weights are restored
+    afterwards, also on errors. (The evaluate stage runs block by block instead, see
+    sopq.variants.evaluate_streaming; this is for models in memory, e.g. sopq.load's.)
     """
     _check_kind(kind)
-    for variant, weights in variants.items():
-        unknown = sorted(set(weights) - set(layers))
-        if unknown:
-            raise ValueError(f"variant {variant!r} names layers that are not quantizable layers: {unknown[:5]}")
+    check_variant_layers(variants, layers)
     touched = {name for weights in variants.values() for name in weights}
     originals = {name: get_weight(layers[name]).clone() for name in touched}
-    nll = {v: [] for v in variants}
-    kl = {v: [] for v in variants}
-    agree = {v: [] for v in variants}
-    one_minus_cos = {v: [] for v in variants}
+    scores = EndToEnd(kind, variants)
     for batch in tqdm(sequences.split(batch_size), desc="evaluate", disable=not progress):
         ref = _model_output(model, kind, batch)
         for variant, weights in variants.items():
             try:
                 for name, W_hat in weights.items():
-                    set_weight(layers[name], W_hat() if callable(W_hat) else W_hat)
+                    set_weight(layers[name], W_hat)
                 out = _model_output(model, kind, batch) if weights else ref
             finally:
                 for name in weights:
                     set_weight(layers[name], originals[name])
-            if kind == "causal_lm":
-                batch_nll, batch_kl, batch_agree = _next_token_metrics(ref, out, batch)
-                nll[variant].append(batch_nll)
-                kl[variant].append(batch_kl)
-                agree[variant].append(batch_agree)
-            else:
-                one_minus_cos[variant].append(_one_minus_cosine(ref, out))
-
-    rows = []
-    for variant in variants:
-        if kind == "causal_lm":
-            token_kl = torch.cat(kl[variant]).numpy()
-            rows.append(
-                {
-                    "variant": variant,
-                    "ppl": float(torch.cat(nll[variant]).mean().exp()),
-                    "kl_mean": float(token_kl.mean()),
-                    "kl_p99": float(np.percentile(token_kl, 99)),
-                    "top1": float(torch.cat(agree[variant]).double().mean()),
-                }
-            )
-        else:
-            cosine = 1 - torch.cat(one_minus_cos[variant])
-            rows.append(
-                {"variant": variant, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
-            )
-    return pd.DataFrame(rows)
+            scores.add(variant, batch, ref, out)
+    return scores.table()
 
 
 def _noise_direction(name: str, shape, seed: int) -> torch.Tensor:

@@ -29,25 +29,34 @@ def layer_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> dict[
     }
 
 
-def layer_errors_many(W: torch.Tensor, W_hats: dict, H: torch.Tensor) -> dict[str, dict[str, float]]:
-    """layer_errors of several reconstructions of one layer, with one float32 matmul each.
+class LayerErrors:
+    """layer_errors of any number of reconstructions of one layer (W, H), one float32 matmul each.
 
-    tr(W H W^T) and W H are computed once in float64; per variant only dW H is needed (float32:
-    dW is formed in float64 first, so its relative precision is that of float32 on E_out itself),
-    and tr(W H W_hat^T) = tr(W H W^T) - tr(W H dW^T) without a second matmul."""
-    W, H = W.double(), H.double()
-    WH = W @ H
-    w_norm = (WH * W).sum()
-    H32 = H.float()
-    out = {}
-    for name, W_hat in W_hats.items():
-        dW = W - W_hat.double()
-        e = ((dW.float() @ H32).double() * dW).sum()
-        cross = w_norm - (WH * dW).sum()  # tr(W H W_hat^T)
-        what_norm = w_norm - 2 * (WH * dW).sum() + e
-        out[name] = {
+    tr(W H W^T) and W H are computed once in float64; per reconstruction only dW H is needed
+    (float32: dW is formed in float64 first, so its relative precision is that of float32 on
+    E_out itself), and tr(W H W_hat^T) = tr(W H W^T) - tr(W H dW^T) without a second matmul."""
+
+    def __init__(self, W: torch.Tensor, H: torch.Tensor):
+        self.W, H = W.double(), H.double()
+        self.WH = self.W @ H
+        self.w_norm = (self.WH * self.W).sum()
+        self.w_sq = self.W.square().sum()
+        self.H32 = H.float()
+
+    def __call__(self, W_hat: torch.Tensor) -> dict[str, float]:
+        w_norm = self.w_norm
+        dW = self.W - W_hat.double()
+        e = ((dW.float() @ self.H32).double() * dW).sum()
+        cross = w_norm - (self.WH * dW).sum()  # tr(W H W_hat^T)
+        what_norm = w_norm - 2 * (self.WH * dW).sum() + e
+        return {
             "e_out": (e / w_norm).item() if w_norm > 0 else float("nan"),
-            "mse": (dW.square().sum() / W.square().sum()).item() if W.any() else float("nan"),
+            "mse": (dW.square().sum() / self.w_sq).item() if self.w_sq > 0 else float("nan"),
             "acos": (cross / (w_norm * what_norm).sqrt()).item() if w_norm > 0 and what_norm > 0 else float("nan"),
         }
-    return out
+
+
+def layer_errors_many(W: torch.Tensor, W_hats: dict, H: torch.Tensor) -> dict[str, dict[str, float]]:
+    """layer_errors of several reconstructions of one layer (see LayerErrors)."""
+    errors = LayerErrors(W, H)
+    return {name: errors(W_hat) for name, W_hat in W_hats.items()}

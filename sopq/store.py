@@ -170,27 +170,41 @@ def _check_layer_tensors(name: str, meta: dict, tensors: dict[str, torch.Tensor]
             )
 
 
+class PackedReader:
+    """A packed directory whose manifest and sha256 are checked once, its layers read one at a
+    time (the evaluate stage holds one block's, not the whole model's)."""
+
+    def __init__(self, packed_dir):
+        self.manifest = read_manifest(packed_dir)
+        self.path = Path(packed_dir) / "model.safetensors"
+        expected = self.manifest["sha256"]["model.safetensors"]
+        if not self.path.is_file() or sha256_file(self.path) != expected:
+            raise PackedFormatError(f"{self.path}: missing or sha256 mismatch with the manifest; rerun the pack stage")
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{codes (packed words), codebook, scales} of one layer the manifest lists."""
+        meta = self.manifest["layers"][name]
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                keys = {part: f"{name}.{part}" for part in ("codes", "codebook", "scales")}
+                missing = sorted(set(keys.values()) - set(f.keys()))
+                if missing:
+                    raise PackedFormatError(f"{self.path}: no tensor {missing[0]} for a layer the manifest lists")
+                tensors = {part: f.get_tensor(key) for part, key in keys.items()}
+        except (SafetensorError, OSError) as exc:
+            raise PackedFormatError(f"{self.path}: not a readable safetensors file ({exc}); rerun the pack stage") from None
+        _check_layer_tensors(name, meta, tensors)
+        return tensors
+
+    def layer(self, name: str) -> QuantizedLayer:
+        """One layer with its codes unpacked back to uint8."""
+        return unpacked_layer(self.manifest["layers"][name], self.tensors(name))
+
+
 def read_packed_tensors(packed_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(manifest, {layer: {codes (packed words), codebook, scales}}) after checking the sha256."""
-    manifest = read_manifest(packed_dir)
-    weights = Path(packed_dir) / "model.safetensors"
-    expected = manifest["sha256"]["model.safetensors"]
-    if not weights.is_file() or sha256_file(weights) != expected:
-        raise PackedFormatError(f"{weights}: missing or sha256 mismatch with the manifest; rerun the pack stage")
-    tensors = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            stored = set(f.keys())
-            for name, meta in manifest["layers"].items():
-                keys = {part: f"{name}.{part}" for part in ("codes", "codebook", "scales")}
-                missing = sorted(key for key in keys.values() if key not in stored)
-                if missing:
-                    raise PackedFormatError(f"{weights}: no tensor {missing[0]} for a layer the manifest lists")
-                tensors[name] = {part: f.get_tensor(key) for part, key in keys.items()}
-                _check_layer_tensors(name, meta, tensors[name])
-    except (SafetensorError, OSError) as exc:
-        raise PackedFormatError(f"{weights}: not a readable safetensors file ({exc}); rerun the pack stage") from None
-    return manifest, tensors
+    reader = PackedReader(packed_dir)
+    return reader.manifest, {name: reader.tensors(name) for name in reader.manifest["layers"]}
 
 
 def unpacked_layer(meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedLayer:
@@ -207,5 +221,5 @@ def unpacked_layer(meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedLay
 
 def read_packed(packed_dir) -> dict[str, QuantizedLayer]:
     """Every packed layer, codes unpacked back to uint8."""
-    manifest, tensors = read_packed_tensors(packed_dir)
-    return {name: unpacked_layer(manifest["layers"][name], t) for name, t in tensors.items()}
+    reader = PackedReader(packed_dir)
+    return {name: reader.layer(name) for name in reader.manifest["layers"]}

@@ -136,6 +136,14 @@ class BlockWalk:
             for handle in handles:
                 handle.remove()
 
+    def layers_by_block(self, layers) -> list[list[str]]:
+        """The names of `layers` in each block, in their order; a layer outside every block cannot be run."""
+        outside = [name for name in layers if not any(name.startswith(p) for p in self.prefixes)]
+        if outside:
+            raise ValueError(f"layers outside the model's blocks cannot be run block by block: {outside}; "
+                             "exclude them (calibration: or use calibration.streaming: false)")
+        return [[name for name in layers if name.startswith(p)] for p in self.prefixes]
+
     def blocks(self):
         """Yield (i, block) with the block's weights read; released when the caller moves on."""
         for i, block in enumerate(self.stack):

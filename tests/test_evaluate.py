@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -87,9 +86,6 @@ def test_single_layer_variant_and_batching(llama):
     assert by_2.iloc[0].kl_mean > 0
     assert by_2.iloc[0].kl_mean == pytest.approx(by_6.iloc[0].kl_mean, rel=1e-4)
     assert by_2.iloc[0].top1 == pytest.approx(by_6.iloc[0].top1)
-    # A variant's weight may be a callable making it when set: same numbers.
-    lazy = {"noisy_down": {name: (lambda W=W: W) for name, W in one["noisy_down"].items()}}
-    pd.testing.assert_frame_equal(evaluate_variants(model, "causal_lm", layers, lazy, sequences, 2, progress=False), by_2)
 
 
 def test_weights_restored_when_a_variant_fails(llama):
