@@ -144,9 +144,11 @@ class BlockWalk:
                              "exclude them (calibration: or use calibration.streaming: false)")
         return [[name for name in layers if name.startswith(p)] for p in self.prefixes]
 
-    def blocks(self):
-        """Yield (i, block) with the block's weights read; released when the caller moves on."""
-        for i, block in enumerate(self.stack):
+    def blocks(self, reverse: bool = False):
+        """Yield (i, block) with the block's weights read, first to last (or last to first, for
+        a backward pass); each is released when the caller moves on."""
+        order = list(enumerate(self.stack))
+        for i, block in reversed(order) if reverse else order:
             self.weights.materialize(self.model, block)
             try:
                 yield i, block
