@@ -21,7 +21,16 @@ def _libc():
     return ctypes.CDLL(name) if name else None
 
 
-def _fixed_mmap_threshold(size: int = 1 << 16) -> None:
+# Allocation size from which glibc serves memory with its own map (see _fixed_mmap_threshold).
+# 64 KiB keeps calibration's memory flat with depth; stages that also fit layers between blocks
+# (evaluate, importance) take 8 MiB: every fit's temporaries mapped fresh cost them more system
+# time in page faults than their arithmetic (bert evaluate: 22 s of 55 s CPU at 64 KiB, 2 s at
+# 8 MiB), at a few MiB of heap per block for layers under 8 MiB (bench/RESULTS-streaming.md).
+FLAT_MMAP_THRESHOLD = 1 << 16
+FITTING_MMAP_THRESHOLD = 1 << 23
+
+
+def _fixed_mmap_threshold(size: int) -> None:
     """Serve every allocation of `size` bytes or more with its own memory map (glibc), so a freed
     block's weights and statistics go back to the system at once. By default glibc raises this
     threshold after the first large free, and later blocks' tensors land on a heap that frees
@@ -70,8 +79,8 @@ class BlockWalk:
     goes back to the meta device at the end, also on errors.
     """
 
-    def __init__(self, model: nn.Module, weights, batches: list[torch.Tensor]):
-        _fixed_mmap_threshold()
+    def __init__(self, model: nn.Module, weights, batches: list[torch.Tensor], mmap_threshold: int = FLAT_MMAP_THRESHOLD):
+        _fixed_mmap_threshold(mmap_threshold)
         self.model, self.weights, self.batches = model, weights, list(batches)
         prefix, self.stack = model_blocks(model)
         self.prefixes = [f"{prefix}.{i}." for i in range(len(self.stack))]

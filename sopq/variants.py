@@ -19,7 +19,7 @@ from sopq.model import get_weight, set_weight
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
 from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
 from sopq.store import PackedReader
-from sopq.stream import BlockWalk
+from sopq.stream import FITTING_MMAP_THRESHOLD, BlockWalk
 
 # Width of the uniform SOP variants, "sop6...": the report measures promotion against them.
 UNIFORM_BITS = 6
@@ -161,7 +161,7 @@ def evaluate_streaming(
     runs = {"reference": {}, **variants}
     scores = EndToEnd(kind, runs)
     rows = {}
-    with BlockWalk(model, weights, sequences.split(batch_size)) as walk:
+    with BlockWalk(model, weights, sequences.split(batch_size), FITTING_MMAP_THRESHOLD) as walk:
         by_block = walk.layers_by_block(layers)
         hidden = dict.fromkeys(runs, walk.inputs)
         for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="evaluate (blocks)", disable=not progress):
