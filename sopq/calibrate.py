@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import run_model
+from .stream import BlockWalk
 
 
 class _InputStats:
@@ -154,52 +155,6 @@ def collect_stats(
     return recorder.table()
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-def _fixed_mmap_threshold(size: int = 1 << 16) -> None:
-    """Serve every allocation of `size` bytes or more with its own memory map (glibc), so a freed
-    block's weights and statistics go back to the system at once. By default glibc raises this
-    threshold after the first large free, and later blocks' tensors land on a heap that frees
-    nothing: measured, peak memory then grows with depth (bench/RESULTS-streaming.md)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, size)
-
-
-def _trim_heap() -> None:
-    """Hand the heap's free memory back to the system (glibc malloc_trim) after a block."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _hidden_states(block_output):
-    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
-
-
-def _names_in(layers, prefix: str) -> list[str]:
-    return [name for name in layers if name.startswith(prefix)]
-
-
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of repeated blocks: its largest ModuleList."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no stack of blocks (ModuleList): use calibration.streaming: false")
-    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
 def collect_stats_streaming(
     model: nn.Module,
     weights,
@@ -229,11 +184,8 @@ def stream_block_stats(
     """Yield (stats rows, {gram_key: Gram}) block after block, for a model whose parameters are
     on the meta device (sopq.model.load_empty_model); together they equal collect_stats' results.
 
-    One block in memory at a time, GPTQ-style: a first pass through the model runs block 0 and
-    records the arguments the model gives every block besides the hidden states (masks, position
-    embeddings: they may differ between blocks), with blocks after the first stubbed out and the
-    pass stopped after the last; then block i is read from disk, run on block i-1's outputs while
-    its layers' statistics are recorded, and released. Peak memory: the weights outside the
+    One block in memory at a time (sopq.stream.BlockWalk): block i is read from disk, run on
+    block i-1's outputs while its layers' statistics are recorded, and released. Peak memory: the weights outside the
     blocks that run before them (embeddings) or one block, whichever is larger, plus the
     calibration activations (two copies) and one block's statistics: the caller writes each
     block's out before the next is computed.
@@ -241,72 +193,18 @@ def stream_block_stats(
     """
     recorder = _StatsRecorder(layers)
     _check_batch_size(batch_size)
-    _fixed_mmap_threshold()
-    prefix, blocks = _blocks(model)
-    block_names = [f"{prefix}.{i}." for i in range(len(blocks))]
-    outside = [name for name in layers if not any(name.startswith(b) for b in block_names)]
-    if outside:
-        raise ValueError(f"layers outside the model's blocks cannot be calibrated block by block: {outside}; "
-                         "exclude them or use calibration.streaming: false")
-
-    block_args: list[list[tuple]] = [[] for _ in blocks]  # per block, per batch: (args, kwargs) after the hidden states
-    first_outputs = []  # block 0's outputs (a tensor or a tuple, as the model's blocks return them), per batch
-
-    def capture(i: int, real_forward):
-        def forward(hidden_states, *args, **kwargs):
-            block_args[i].append((args, kwargs))
-            out = real_forward(hidden_states, *args, **kwargs) if i == 0 else first_outputs[-1]
-            if i == 0:
-                first_outputs.append(out)
-            if i == len(blocks) - 1:
-                raise _StopForward
-            return out  # blocks after the first pass on block 0's output: only their arguments matter here
-        return forward
-
-    # First pass: block 0 real (its statistics recorded), the others stubs. Modules outside the
-    # blocks (embeddings) are read from disk when called; those after the blocks (final norm,
-    # head) are never called, so never read.
-    in_blocks = {id(m) for m in blocks.modules()}
-    outer = [m for m in model.modules() if id(m) not in in_blocks and list(m.parameters(recurse=False))]
-    handles = [m.register_forward_pre_hook(lambda m, a: weights.materialize(model, m, recurse=False)) for m in outer]
-    weights.materialize(model, blocks[0])
-    for i, block in enumerate(blocks):
-        block.forward = capture(i, block.forward)
-    progress_bar = tqdm(total=len(blocks), desc="calibrate (blocks)", disable=not progress)
-    try:
-        with recorder.hooked(_names_in(layers, block_names[0])):
-            for batch in sequences.split(batch_size):
-                recorder.new_pass()
-                try:
-                    run_model(model, batch)
-                except _StopForward:
-                    pass
-    finally:
-        for block in blocks:
-            del block.forward
-        for handle in handles:
-            handle.remove()
-        for module in outer:
-            weights.release(module, recurse=False)
-        weights.release(blocks[0])
-    progress_bar.update()
-    yield recorder.table(_names_in(layers, block_names[0]))
-
-    hidden = [_hidden_states(out) for out in first_outputs]
-    for i in range(1, len(blocks)):
-        weights.materialize(model, blocks[i])
-        outputs = []
-        with recorder.hooked(_names_in(layers, block_names[i])):
-            for x, (args, kwargs) in zip(hidden, block_args[i]):
-                recorder.new_pass()
-                outputs.append(_hidden_states(blocks[i](x, *args, **kwargs)))
-        weights.release(blocks[i])
-        block_args[i] = None
-        _trim_heap()
-        hidden = outputs
-        progress_bar.update()
-        yield recorder.table(_names_in(layers, block_names[i]))
-    progress_bar.close()
+    with BlockWalk(model, weights, sequences.split(batch_size)) as walk:
+        by_block = walk.layers_by_block(layers)
+        hidden = walk.inputs
+        for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="calibrate (blocks)", disable=not progress):
+            names = by_block[i]
+            outputs = []
+            with recorder.hooked(names):
+                for batch, x in enumerate(hidden):
+                    recorder.new_pass()
+                    outputs.append(walk.run(i, batch, x))
+            hidden = outputs
+            yield recorder.table(names)
 
 
 def load_gram(path, gram_key: str) -> torch.Tensor:

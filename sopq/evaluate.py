@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import KINDS, get_weight, run_model, set_weight
+from .stream import FITTING_MMAP_THRESHOLD, BlockWalk
 
 
 def _check_kind(kind: str) -> None:
@@ -22,14 +23,18 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
 
 
-def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
-    """causal_lm: next-token logits (B, S, V); encoder: L2-normalised mean-pooled embeddings (B, D), float64."""
-    out = run_model(model, batch)
+def comparable_output(kind: str, out) -> torch.Tensor:
+    """What variants are compared on, from the model's output: causal_lm: next-token logits
+    (B, S, V); encoder: L2-normalised mean-pooled embeddings (B, D), float64."""
     if kind == "causal_lm":
         return out.logits
     # run_model's attention mask is all ones, so the mask-weighted mean is the plain mean over tokens.
     pooled = out.last_hidden_state.double().mean(1)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _model_output(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
+    return comparable_output(kind, run_model(model, batch))
 
 
 def _kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,51 @@ def _one_minus_cosine(ref_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return (ref_emb - emb).square().sum(-1) / 2
 
 
+def check_variant_layers(variants: dict[str, dict], layers: dict[str, nn.Module]) -> None:
+    for variant, weights in variants.items():
+        unknown = sorted(set(weights) - set(layers))
+        if unknown:
+            raise ValueError(f"variant {variant!r} names layers that are not quantizable layers: {unknown[:5]}")
+
+
+class EndToEnd:
+    """End-to-end metrics of variants against the reference, accumulated batch by batch: one
+    harness for the whole-model and the block-by-block evaluation.
+
+    causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
+    encoder columns: variant, cosine_mean, cosine_min (pooled embeddings)."""
+
+    def __init__(self, kind: str, variants):
+        _check_kind(kind)
+        self.kind = kind
+        self.per_token = {v: [] for v in variants}  # per batch: (nll, kl, agree) or 1 - cosine
+
+    def add(self, variant: str, batch: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> None:
+        """One batch's comparable_output of the reference and of the variant."""
+        if self.kind == "causal_lm":
+            self.per_token[variant].append(_next_token_metrics(ref, out, batch))
+        else:
+            self.per_token[variant].append(_one_minus_cosine(ref, out))
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for variant, batches in self.per_token.items():
+            if self.kind == "causal_lm":
+                nll, kl, agree = (torch.cat(parts) for parts in zip(*batches))
+                token_kl = kl.numpy()
+                rows.append({
+                    "variant": variant,
+                    "ppl": float(nll.mean().exp()),
+                    "kl_mean": float(token_kl.mean()),
+                    "kl_p99": float(np.percentile(token_kl, 99)),
+                    "top1": float(agree.double().mean()),
+                })
+            else:
+                cosine = 1 - torch.cat(batches)
+                rows.append({"variant": variant, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())})
+        return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def evaluate_variants(
     model: nn.Module,
@@ -72,62 +122,28 @@ def evaluate_variants(
     batch_size: int,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run every variant (layer -> W_hat (N, K), or a zero-argument callable returning it, made
-    when the variant is set so that many variants need not be held dense in memory at once;
-    empty = the reference) and compare with the reference.
-
-    causal_lm columns: variant, ppl, kl_mean, kl_p99 (KL(ref || variant) per next token), top1;
-    encoder columns: variant, cosine_mean, cosine_min (pooled embeddings). Original weights are
-    restored afterwards, also on errors.
+    """Run every variant (layer -> W_hat (N, K); empty = the reference) through the whole model
+    in memory and compare with the reference: EndToEnd's table. Original weights are restored
+    afterwards, also on errors. (The evaluate stage runs block by block instead, see
+    sopq.variants.evaluate_streaming; this is for models in memory, e.g. sopq.load's.)
     """
     _check_kind(kind)
-    for variant, weights in variants.items():
-        unknown = sorted(set(weights) - set(layers))
-        if unknown:
-            raise ValueError(f"variant {variant!r} names layers that are not quantizable layers: {unknown[:5]}")
+    check_variant_layers(variants, layers)
     touched = {name for weights in variants.values() for name in weights}
     originals = {name: get_weight(layers[name]).clone() for name in touched}
-    nll = {v: [] for v in variants}
-    kl = {v: [] for v in variants}
-    agree = {v: [] for v in variants}
-    one_minus_cos = {v: [] for v in variants}
+    scores = EndToEnd(kind, variants)
     for batch in tqdm(sequences.split(batch_size), desc="evaluate", disable=not progress):
         ref = _model_output(model, kind, batch)
         for variant, weights in variants.items():
             try:
                 for name, W_hat in weights.items():
-                    set_weight(layers[name], W_hat() if callable(W_hat) else W_hat)
+                    set_weight(layers[name], W_hat)
                 out = _model_output(model, kind, batch) if weights else ref
             finally:
                 for name in weights:
                     set_weight(layers[name], originals[name])
-            if kind == "causal_lm":
-                batch_nll, batch_kl, batch_agree = _next_token_metrics(ref, out, batch)
-                nll[variant].append(batch_nll)
-                kl[variant].append(batch_kl)
-                agree[variant].append(batch_agree)
-            else:
-                one_minus_cos[variant].append(_one_minus_cosine(ref, out))
-
-    rows = []
-    for variant in variants:
-        if kind == "causal_lm":
-            token_kl = torch.cat(kl[variant]).numpy()
-            rows.append(
-                {
-                    "variant": variant,
-                    "ppl": float(torch.cat(nll[variant]).mean().exp()),
-                    "kl_mean": float(token_kl.mean()),
-                    "kl_p99": float(np.percentile(token_kl, 99)),
-                    "top1": float(torch.cat(agree[variant]).double().mean()),
-                }
-            )
-        else:
-            cosine = 1 - torch.cat(one_minus_cos[variant])
-            rows.append(
-                {"variant": variant, "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
-            )
-    return pd.DataFrame(rows)
+            scores.add(variant, batch, ref, out)
+    return scores.table()
 
 
 def _noise_direction(name: str, shape, seed: int) -> torch.Tensor:
@@ -247,43 +263,117 @@ def probe_layer_importance(
     with count the number of next tokens (causal_lm) or sequences (encoder) that D averages over.
     """
     _check_kind(kind)
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be at least 1, got {n_probes}")
-    # tr(W H W^T) / (2 N tr H) per layer, before the passes, so a missing Gram fails early.
-    output_scale = {}
-    for name, module in layers.items():
-        W, H = get_weight(module).double(), _gram(grams, name)
-        signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
-        if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
-            raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
-        # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
-        output_scale[name] = signal / (2 * W.shape[0] * trace_h) if signal > 0 else 0.0
+    _check_probes(n_probes)
+    # Per layer scale before the passes, so a missing Gram fails early.
+    output_scale = {name: _output_scale(name, get_weight(module), grams) for name, module in layers.items()}
     generator = torch.Generator().manual_seed(seed)
     grad_sq = dict.fromkeys(layers, 0.0)
     count = 0
-    batches = sequences.split(batch_size)
     params = [layers[name].weight for name in layers]
     for param in params:
         param.requires_grad_(True)
     try:
-        for batch in tqdm(batches, desc="layer importance (probes)", disable=not progress):
+        for batch in tqdm(sequences.split(batch_size), desc="layer importance (probes)", disable=not progress):
             with torch.enable_grad():
                 out = _model_output(model, kind, batch)
-                if kind == "causal_lm":
-                    logp = out[:, :-1].float().log_softmax(-1)
-                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-                for probe in range(n_probes):
-                    if kind == "causal_lm":
-                        sampled = torch.multinomial(probs, 1, generator=generator).view(logp.shape[:-1] + (1,))
-                        objective = logp.gather(-1, sampled).sum()
-                    else:
-                        objective = (torch.randn(out.shape, generator=generator, dtype=out.dtype) * out).sum()
-                    grads = torch.autograd.grad(objective, params, retain_graph=probe < n_probes - 1)
-                    for name, grad in zip(layers, grads):
-                        grad_sq[name] += float(grad.double().square().sum()) / n_probes
+                for last, objective in _probe_objectives(kind, out, n_probes, generator):
+                    grads = torch.autograd.grad(objective, params, retain_graph=not last)
+                    _add_grad_sq(grad_sq, layers, grads, n_probes)
             count += _damage_count(kind, batch)
     finally:
         for param in params:
             param.requires_grad_(False)
+    return {name: grad_sq[name] * output_scale[name] / count for name in layers}
 
+
+def _check_probes(n_probes: int) -> None:
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be at least 1, got {n_probes}")
+
+
+def _output_scale(name: str, W: torch.Tensor, grams) -> float:
+    """tr(W H W^T) / (2 N tr H): alpha per unit of squared probe gradient (probe_layer_importance)."""
+    W, H = W.double(), _gram(grams, name)
+    signal, trace_h = float(((W @ H) * W).sum()), float(H.diagonal().sum())
+    if not (math.isfinite(signal) and signal >= 0 and trace_h >= 0):
+        raise ValueError(f"layer {name}: tr(W H W^T) = {signal}, tr(H) = {trace_h} (a damaged weight or Gram matrix)")
+    # A layer with zero output on the calibration inputs: alpha 0, as in measure_layer_importance.
+    return signal / (2 * W.shape[0] * trace_h) if signal > 0 else 0.0
+
+
+def _probe_objectives(kind: str, out: torch.Tensor, n_probes: int, generator: torch.Generator):
+    """Yield (is the last probe, objective) for each random probe of one batch's output, drawn
+    from `generator` in a fixed order (the same samples whole-model or block by block)."""
+    if kind == "causal_lm":
+        logp = out[:, :-1].float().log_softmax(-1)
+        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+    for probe in range(n_probes):
+        if kind == "causal_lm":
+            sampled = torch.multinomial(probs, 1, generator=generator).view(logp.shape[:-1] + (1,))
+            objective = logp.gather(-1, sampled).sum()
+        else:
+            objective = (torch.randn(out.shape, generator=generator, dtype=out.dtype) * out).sum()
+        yield probe == n_probes - 1, objective
+
+
+def _add_grad_sq(grad_sq: dict, names, grads, n_probes: int) -> None:
+    for name, grad in zip(names, grads):
+        grad_sq[name] += float(grad.double().square().sum()) / n_probes
+
+
+def probe_layer_importance_streaming(
+    model: nn.Module,
+    weights,
+    kind: str,
+    layers: dict[str, nn.Module],
+    sequences: torch.Tensor,
+    grams,
+    seed: int,
+    *,
+    n_probes: int = 2,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, float]:
+    """probe_layer_importance for a model whose parameters are on the meta device
+    (sopq.model.load_empty_model), one block in memory at a time.
+
+    Backpropagation by hand, block by block: a forward walk (sopq.stream.BlockWalk) keeps every
+    block's input; the head gives each probe's gradient with respect to the last block's output
+    (the probes drawn in the same order as the whole-model pass); then from the last block to the
+    first, the block is read again and recomputed with gradients on its input and its layers'
+    weights, each probe's incoming gradient is pushed through it, and its layers' squared
+    gradients are summed. Peak memory: one block with its activations, plus every block's input
+    (blocks x tokens x hidden size). Equals probe_layer_importance up to float rounding.
+    """
+    _check_kind(kind)
+    _check_probes(n_probes)
+    generator = torch.Generator().manual_seed(seed)
+    grad_sq = dict.fromkeys(layers, 0.0)
+    output_scale = {}
+    with torch.no_grad(), BlockWalk(model, weights, sequences.split(batch_size), FITTING_MMAP_THRESHOLD) as walk:
+        by_block = walk.layers_by_block(layers)
+        block_inputs = [walk.inputs]
+        for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="layer importance (forward)", disable=not progress):
+            output_scale.update({name: _output_scale(name, get_weight(layers[name]), grams) for name in by_block[i]})
+            block_inputs.append([walk.run(i, b, x) for b, x in enumerate(block_inputs[-1])])
+        # Per batch and probe: the gradient of the probe objective with respect to the current block's output.
+        grad_out = []
+        for b, last_hidden in enumerate(block_inputs.pop()):
+            last_hidden = last_hidden.requires_grad_()
+            with torch.enable_grad():
+                out = comparable_output(kind, walk.model_output(b, last_hidden))
+                grad_out.append([torch.autograd.grad(objective, last_hidden, retain_graph=not last)[0]
+                                 for last, objective in _probe_objectives(kind, out, n_probes, generator)])
+        for i, _ in tqdm(walk.blocks(reverse=True), total=len(by_block), desc="layer importance (backward)",
+                         disable=not progress):
+            params = [layers[name].weight.requires_grad_() for name in by_block[i]]
+            for b, x in enumerate(block_inputs.pop()):
+                x = x.requires_grad_()
+                with torch.enable_grad():
+                    out = walk.run(i, b, x)
+                    for probe, g in enumerate(grad_out[b]):
+                        grads = torch.autograd.grad(out, [x, *params], grad_outputs=g, retain_graph=probe < n_probes - 1)
+                        grad_out[b][probe] = grads[0]
+                        _add_grad_sq(grad_sq, by_block[i], grads[1:], n_probes)
+    count = sum(_damage_count(kind, batch) for batch in walk.batches)
     return {name: grad_sq[name] * output_scale[name] / count for name in layers}

@@ -70,11 +70,12 @@ def safetensors_stream(path, metadata: dict | None = None):
 
     Each tensor's bytes go to a scratch file as they come, so only one tensor is in memory at a
     time; the header, which comes first in the format, is written when the block ends, followed
-    by the data. The file appears atomically, only if the block succeeds."""
+    by the data, so `metadata` is read then: the caller may fill it in while adding tensors.
+    The file appears atomically, only if the block succeeds."""
     import torch
 
     dtype_names = {getattr(torch, attr): name for name, attr in SAFETENSORS_DTYPES.items()}
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    header: dict = {}
     with atomic_path(path) as tmp, open(tmp.with_name(tmp.name + ".data"), "w+b") as data:
         def add(name: str, tensor) -> None:
             if name in header:
@@ -85,6 +86,8 @@ def safetensors_stream(path, metadata: dict | None = None):
             header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [start, data.tell()]}
 
         yield add
+        if metadata:
+            header["__metadata__"] = metadata
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
         with open(tmp, "wb") as out:

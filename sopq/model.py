@@ -98,6 +98,9 @@ def load_empty_model(model_dir, kind: str, *, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **extra)
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # from_pretrained ties the LM head to the embedding, from_config does not: tie here too, so
+    # that layer discovery and the weight lookups see the model load_model gives.
+    model.tie_weights()
     model.eval().requires_grad_(False)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     weights = GGUFWeights(model_dir / extra["gguf_file"], model) if extra else SafetensorsWeights(model_dir, model)
@@ -177,10 +180,13 @@ class SafetensorsWeights(LazyWeights):
                     start, end = info["data_offsets"]
                     self._where[key] = (path, 8 + header_len + start, info["dtype"], info["shape"], end - start)
         self._prefix = getattr(model, "base_model_prefix", "")
+        # A tied weight (lm_head to the embedding) is saved once, under the first name.
+        self._tied = _tied_names(model)
 
     def tensor(self, name: str) -> torch.Tensor:
         p = self._prefix
-        candidates = [name, f"{p}.{name}", name.removeprefix(f"{p}.")] if p else [name]
+        names = [name, self._tied[name]] if name in self._tied else [name]
+        candidates = [c for n in names for c in ([n, f"{p}.{n}", n.removeprefix(f"{p}.")] if p else [n])]
         key = next((k for k in candidates if k in self._where), None)
         if key is None:
             raise ValueError(f"parameter {name} is not in the checkpoint (tried {candidates}): use calibration.streaming: false")
@@ -223,8 +229,10 @@ class GGUFWeights(LazyWeights):
         import numpy as np
         from gguf import dequantize
 
-        gguf_name = self._gguf_name.get(name) or self._gguf_name.get(self._tied.get(name, ""))
-        if gguf_name is None or gguf_name not in self._tensors:
+        # The map may name a tensor the file lacks (a tied head's "output.weight"): then the tied one.
+        candidates = (self._gguf_name.get(n) for n in (name, self._tied.get(name)))
+        gguf_name = next((g for g in candidates if g in self._tensors), None)
+        if gguf_name is None:
             raise ValueError(f"parameter {name} has no tensor in the GGUF file: use calibration.streaming: false")
         t = self._tensors[gguf_name]
         result = self._processor.process(weights=dequantize(t.data, t.tensor_type), name=gguf_name,

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jsonschema
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from sopq.formats import SCALE_BITS, num_groups
-from sopq.io import atomic_path, save_safetensors, sha256_file
+from sopq.io import atomic_path, safetensors_stream, sha256_file
 from sopq.model import KINDS
 from sopq.packing import MAX_BITS, MIN_BITS, PACK_FORMAT_VERSION, pack_codes, packed_words, unpack_codes
 from sopq.quantize import QuantizedLayer
@@ -87,50 +87,75 @@ def _layer_meta(q: QuantizedLayer) -> dict:
     return {"bits": q.bits, "group": q.group, "scale_format": q.scale_format, "shape": [n, k]}
 
 
-def save_quantized(layers: dict[str, QuantizedLayer], path) -> None:
-    """The fit stage's output: unpacked codes (uint8), codebooks and stored scales per layer."""
-    tensors = {}
-    for name, q in layers.items():
-        tensors.update({f"{name}.codes": q.codes, f"{name}.codebook": q.codebook, f"{name}.scales": q.scales})
-    meta = {name: _layer_meta(q) for name, q in layers.items()}
-    save_safetensors(tensors, path, metadata={"layers": json.dumps(meta)})
+class LazyLayers(Mapping):
+    """{layer: QuantizedLayer}, each layer read by load(name) when asked for: fit and pack go
+    through the model one layer at a time instead of holding every layer's codes."""
+
+    def __init__(self, names, load):
+        self._names = list(names)
+        self._load = load
+
+    def __getitem__(self, name: str) -> QuantizedLayer:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
-def load_quantized(path) -> dict[str, QuantizedLayer]:
+def save_quantized(layers: Mapping[str, QuantizedLayer], path) -> None:
+    """The fit stage's output: unpacked codes (uint8), codebooks and stored scales per layer,
+    written one layer at a time."""
+    meta, metadata = {}, {}
+    with safetensors_stream(path, metadata) as add:
+        for name, q in layers.items():
+            add(f"{name}.codes", q.codes)
+            add(f"{name}.codebook", q.codebook)
+            add(f"{name}.scales", q.scales)
+            meta[name] = _layer_meta(q)
+        metadata["layers"] = json.dumps(meta)
+
+
+def load_quantized(path) -> LazyLayers:
+    """save_quantized's layers, each read from the file when asked for."""
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["layers"])
-        return {
-            name: QuantizedLayer(
-                codebook=f.get_tensor(f"{name}.codebook"),
-                scales=f.get_tensor(f"{name}.scales"),
-                codes=f.get_tensor(f"{name}.codes"),
-                bits=m["bits"],
-                group=m["group"],
-                scale_format=m["scale_format"],
-            )
-            for name, m in meta.items()
-        }
+
+    def load(name: str) -> QuantizedLayer:
+        m = meta[name]
+        with safe_open(str(path), framework="pt") as f:
+            return QuantizedLayer(codebook=f.get_tensor(f"{name}.codebook"), scales=f.get_tensor(f"{name}.scales"),
+                                  codes=f.get_tensor(f"{name}.codes"), bits=m["bits"], group=m["group"],
+                                  scale_format=m["scale_format"])
+
+    return LazyLayers(meta, load)
 
 
-def write_packed(layers: dict[str, QuantizedLayer], out_dir, family: str, source: dict | None = None) -> None:
-    """Write the packed directory. `source`: {model: the model directory, kind, trust_remote_code},
-    recorded with the model path relative to `out_dir` so the pair can move together."""
+def write_packed(layers: Mapping[str, QuantizedLayer], out_dir, family: str, source: dict | None = None) -> None:
+    """Write the packed directory, one layer at a time. `source`: {model: the model directory,
+    kind, trust_remote_code}, recorded with the model path relative to `out_dir` so the pair can
+    move together."""
     if source is not None:
         source = {**source, "model": os.path.relpath(source["model"], out_dir)}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        tensors = {}
-        for name, q in layers.items():
-            tensors[f"{name}.codes"] = pack_codes(q.codes, q.bits)
-            tensors[f"{name}.codebook"] = q.codebook.contiguous()
-            tensors[f"{name}.scales"] = q.scales.contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"))
+        meta = {}
+        with safetensors_stream(tmp / "model.safetensors") as add:
+            for name, q in layers.items():
+                add(f"{name}.codes", pack_codes(q.codes, q.bits))
+                add(f"{name}.codebook", q.codebook)
+                add(f"{name}.scales", q.scales)
+                meta[name] = _layer_meta(q)
         manifest = {
             "format": "sopq-packed",
             "format_version": PACK_FORMAT_VERSION,
             "family": family,
             "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")},
-            "layers": {name: _layer_meta(q) for name, q in layers.items()},
+            "layers": meta,
             **({"source": source} if source is not None else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -170,27 +195,41 @@ def _check_layer_tensors(name: str, meta: dict, tensors: dict[str, torch.Tensor]
             )
 
 
+class PackedReader:
+    """A packed directory whose manifest and sha256 are checked once, its layers read one at a
+    time (the evaluate stage holds one block's, not the whole model's)."""
+
+    def __init__(self, packed_dir):
+        self.manifest = read_manifest(packed_dir)
+        self.path = Path(packed_dir) / "model.safetensors"
+        expected = self.manifest["sha256"]["model.safetensors"]
+        if not self.path.is_file() or sha256_file(self.path) != expected:
+            raise PackedFormatError(f"{self.path}: missing or sha256 mismatch with the manifest; rerun the pack stage")
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{codes (packed words), codebook, scales} of one layer the manifest lists."""
+        meta = self.manifest["layers"][name]
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                keys = {part: f"{name}.{part}" for part in ("codes", "codebook", "scales")}
+                missing = sorted(set(keys.values()) - set(f.keys()))
+                if missing:
+                    raise PackedFormatError(f"{self.path}: no tensor {missing[0]} for a layer the manifest lists")
+                tensors = {part: f.get_tensor(key) for part, key in keys.items()}
+        except (SafetensorError, OSError) as exc:
+            raise PackedFormatError(f"{self.path}: not a readable safetensors file ({exc}); rerun the pack stage") from None
+        _check_layer_tensors(name, meta, tensors)
+        return tensors
+
+    def layer(self, name: str) -> QuantizedLayer:
+        """One layer with its codes unpacked back to uint8."""
+        return unpacked_layer(self.manifest["layers"][name], self.tensors(name))
+
+
 def read_packed_tensors(packed_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(manifest, {layer: {codes (packed words), codebook, scales}}) after checking the sha256."""
-    manifest = read_manifest(packed_dir)
-    weights = Path(packed_dir) / "model.safetensors"
-    expected = manifest["sha256"]["model.safetensors"]
-    if not weights.is_file() or sha256_file(weights) != expected:
-        raise PackedFormatError(f"{weights}: missing or sha256 mismatch with the manifest; rerun the pack stage")
-    tensors = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            stored = set(f.keys())
-            for name, meta in manifest["layers"].items():
-                keys = {part: f"{name}.{part}" for part in ("codes", "codebook", "scales")}
-                missing = sorted(key for key in keys.values() if key not in stored)
-                if missing:
-                    raise PackedFormatError(f"{weights}: no tensor {missing[0]} for a layer the manifest lists")
-                tensors[name] = {part: f.get_tensor(key) for part, key in keys.items()}
-                _check_layer_tensors(name, meta, tensors[name])
-    except (SafetensorError, OSError) as exc:
-        raise PackedFormatError(f"{weights}: not a readable safetensors file ({exc}); rerun the pack stage") from None
-    return manifest, tensors
+    reader = PackedReader(packed_dir)
+    return reader.manifest, {name: reader.tensors(name) for name in reader.manifest["layers"]}
 
 
 def unpacked_layer(meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedLayer:
@@ -207,5 +246,5 @@ def unpacked_layer(meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedLay
 
 def read_packed(packed_dir) -> dict[str, QuantizedLayer]:
     """Every packed layer, codes unpacked back to uint8."""
-    manifest, tensors = read_packed_tensors(packed_dir)
-    return {name: unpacked_layer(manifest["layers"][name], t) for name, t in tensors.items()}
+    reader = PackedReader(packed_dir)
+    return {name: reader.layer(name) for name in reader.manifest["layers"]}

@@ -1,37 +1,74 @@
-"""The quantized variants the evaluate stage compares, and their per-layer and summary tables."""
+"""The quantized variants the evaluate stage compares, measured block by block, and their
+per-layer and summary tables."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from sopq.baselines import BASELINES, EF_BASELINES
+from sopq.evaluate import EndToEnd, check_variant_layers, comparable_output
 from sopq.formats import average_bpw, sop_bpw
-from sopq.metrics import layer_errors_many
-from sopq.quantize import inverse_cholesky
-from sopq.sensitivity import GramLookup, _map_layers, fit_layers, load_fits, option_key, plan_keys, resolve_group
-from sopq.store import read_packed
+from sopq.metrics import LayerErrors
+from sopq.model import get_weight, set_weight
+from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
+from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
+from sopq.store import PackedReader
+from sopq.stream import FITTING_MMAP_THRESHOLD, BlockWalk
 
 # Width of the uniform SOP variants, "sop6...": the report measures promotion against them.
 UNIFORM_BITS = 6
 
 
-def materialize(W_hat) -> torch.Tensor:
-    """A variant's layer weight: build_variants gives SOP layers and round-to-nearest baselines as
-    callables (codes take 1 byte per weight, not 4; rounding is cheap to redo), the rest as tensors."""
-    return W_hat() if callable(W_hat) else W_hat
+@dataclass
+class LayerInput:
+    """One layer's original weight W (N, K) and Gram matrix H: what a variant's layer is made from."""
+
+    W: torch.Tensor
+    H: torch.Tensor
+
+    @functools.cached_property
+    def hinv(self) -> torch.Tensor:
+        # One GPTQ factor for every error-feedback variant of this layer.
+        return inverse_cholesky(self.H)
 
 
-def _rounded(baseline, W) -> torch.Tensor:
-    return baseline(W)[0].float()
+# A variant is {layer: make}, make(LayerInput) -> (W_hat (N, K) float32, all-in bpw): layers are
+# made when their block runs, so no variant is ever held whole.
 
 
-def _sop_variant(fitted) -> tuple[dict, dict]:
-    weights = {name: q.dequantize for name, q in fitted.items()}
-    bpw = {name: sop_bpw(q.bits, q.group, q.scale_format, *q.codes.shape) for name, q in fitted.items()}
-    return weights, bpw
+def _quantized(q: QuantizedLayer) -> tuple[torch.Tensor, float]:
+    return q.dequantize(), sop_bpw(q.bits, q.group, q.scale_format, *q.codes.shape)
+
+
+def _packed(reader: PackedReader, name: str, _: LayerInput):
+    return _quantized(reader.layer(name))
+
+
+def _stored_fit(fits_dir, name: str, key: str, _: LayerInput):
+    return _quantized(load_fits(fits_dir, {name: key})[name])
+
+
+def _fitted(form: tuple, error_feedback: bool, layer: LayerInput):
+    bits, group, scale_format, mode = form
+    hinv = layer.hinv if error_feedback else None
+    return _quantized(quantize_layer(layer.W, layer.H, bits, group, scale_format, error_feedback, mode,
+                                     hinv_chol=hinv, max_alternations=MAX_ALTERNATIONS))
+
+
+def _rounded(baseline, layer: LayerInput):
+    W_hat, bpw = baseline(layer.W)
+    return W_hat.float(), bpw
+
+
+def _error_feedback(grid_of, layer: LayerInput):
+    grid = grid_of(layer.W)
+    return grid.error_feedback(layer.W, layer.hinv), grid.bpw
 
 
 def budget_variant(budget: float) -> str:
@@ -39,29 +76,17 @@ def budget_variant(budget: float) -> str:
     return f"sop_promoted@{budget:g}"
 
 
-def _ef_baselines(W, H) -> dict[str, tuple[torch.Tensor, float]]:
-    hinv = inverse_cholesky(H)  # one factor for every fixed format of this layer
-    out = {}
-    for name, grid_of in EF_BASELINES.items():
-        grid = grid_of(W)
-        out[name] = (grid.error_feedback(W, hinv), grid.bpw)
-    return out
-
-
 def build_variants(
-    weights: dict[str, torch.Tensor],
-    gram: GramLookup,
+    shapes: dict[str, tuple[int, int]],
     packed_dir,
     quantization: dict,
-    workers: int = 1,
     *,
     fits_dir=None,
     sensitivity: pd.DataFrame | None = None,
     sweep_plans: pd.DataFrame | None = None,
     comparisons: dict | None = None,
-):
-    """{variant: {layer: W_hat or a callable making it (see materialize)}} and {variant: {layer:
-    all-in bpw}}:
+) -> dict[str, dict]:
+    """{variant: {layer: make}} for the quantizable layers {name: (N, K)} (see LayerInput):
     - sop_promoted, read back from the packed files, so the evaluation checks what was shipped;
     - sop6: every layer at UNIFORM_BITS with the configured group/scale_format/mode, taken from
       the sensitivity stage's fits (fits_dir) when given, else fitted here; with the fits and
@@ -72,53 +97,96 @@ def build_variants(
       EF_BASELINES through the same error feedback as SOP."""
     comparisons = comparisons or {}
     mode = quantization.get("mode", "free")
-    variants, bpw = {}, {}
-    variants["sop_promoted"], bpw["sop_promoted"] = _sop_variant(read_packed(packed_dir))
     uniform = {
-        name: (UNIFORM_BITS, resolve_group(quantization["group"], W.shape[1]), quantization["scale_format"], mode)
-        for name, W in weights.items()
+        name: (UNIFORM_BITS, resolve_group(quantization["group"], k), quantization["scale_format"], mode)
+        for name, (_, k) in shapes.items()
     }
-    if fits_dir is not None:
-        sop6 = load_fits(fits_dir, {name: option_key(*form) for name, form in uniform.items()})
-    else:
-        sop6 = fit_layers(weights, gram, uniform, quantization["error_feedback"], "sop6", workers)
-    variants["sop6"], bpw["sop6"] = _sop_variant(sop6)
+
+    def stored(keys: dict[str, str]) -> dict:
+        return {name: functools.partial(_stored_fit, fits_dir, name, key) for name, key in keys.items()}
+
+    def fitted(error_feedback: bool) -> dict:
+        return {name: functools.partial(_fitted, form, error_feedback) for name, form in uniform.items()}
+
+    reader = PackedReader(packed_dir)
+    variants = {"sop_promoted": {name: functools.partial(_packed, reader, name) for name in reader.manifest["layers"]}}
+    uniform_keys = {name: option_key(*form) for name, form in uniform.items()}
+    variants["sop6"] = stored(uniform_keys) if fits_dir is not None else fitted(quantization["error_feedback"])
     if fits_dir is not None and sensitivity is not None:
         rows = sensitivity[sensitivity["bits"] == UNIFORM_BITS]
         for (group, fmt, m), part in rows.groupby(["group", "scale_format", "mode"], sort=False):
             keys = {row.layer: option_key(row.bits, row.group, row.scale_format, row.mode) for row in part.itertuples()}
-            name = f"sop6[g{group}.{fmt}.{m}]"
-            if set(keys) == set(weights) and keys != {n: option_key(*f) for n, f in uniform.items()}:
-                variants[name], bpw[name] = _sop_variant(load_fits(fits_dir, keys))
+            if set(keys) == set(shapes) and keys != uniform_keys:
+                variants[f"sop6[g{group}.{fmt}.{m}]"] = stored(keys)
     if sweep_plans is not None:
         for budget, plan in sweep_plans.groupby("budget_bpw", sort=True):
-            variants[budget_variant(budget)], bpw[budget_variant(budget)] = _sop_variant(load_fits(fits_dir, plan_keys(plan)))
+            variants[budget_variant(budget)] = stored(plan_keys(plan))
     if comparisons.get("uniform_without_ef"):
-        plain = fit_layers(weights, gram, uniform, False, "sop6 without error feedback", workers)
-        variants["sop6_no_ef"], bpw["sop6_no_ef"] = _sop_variant(plain)
+        variants["sop6_no_ef"] = fitted(False)
     for name, baseline in BASELINES.items():
-        variants[name] = {layer: functools.partial(_rounded, baseline, W) for layer, W in weights.items()}
-        bpw[name] = {layer: baseline(W)[1] for layer, W in weights.items()}
+        variants[name] = {layer: functools.partial(_rounded, baseline) for layer in shapes}
     if comparisons.get("ef_baselines"):
-        tasks = ((W, gram[layer]) for layer, W in weights.items())
-        per_layer = dict(zip(weights, _map_layers(_ef_baselines, tasks, workers, "baselines with error feedback", len(weights))))
-        for name in EF_BASELINES:
-            variants[name] = {layer: per_layer[layer][name][0] for layer in weights}
-            bpw[name] = {layer: per_layer[layer][name][1] for layer in weights}
-    return variants, bpw
+        for name, grid_of in EF_BASELINES.items():
+            variants[name] = {layer: functools.partial(_error_feedback, grid_of) for layer in shapes}
+    return variants
 
 
-def layer_table(weights, gram: GramLookup, variants: dict, bpw: dict) -> pd.DataFrame:
-    """One row per (variant, layer): n, k, bpw, e_out, mse, acos. Layers outer so each Gram
-    matrix is loaded once."""
-    rows = []
-    for layer, W in weights.items():
-        hats = {variant: materialize(quantized[layer]) for variant, quantized in variants.items()}
-        errors = layer_errors_many(W, hats, gram[layer])
-        for variant in variants:
-            rows.append({"variant": variant, "layer": layer, "n": W.shape[0], "k": W.shape[1],
-                         "bpw": bpw[variant][layer], **errors[variant]})
-    return pd.DataFrame(rows)
+@torch.no_grad()
+def evaluate_streaming(
+    model: nn.Module,
+    weights,
+    kind: str,
+    layers: dict[str, nn.Module],
+    gram,
+    variants: dict[str, dict],
+    sequences: torch.Tensor,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-layer table, end-to-end table) of every variant against the reference, for a model
+    whose parameters are on the meta device (sopq.model.load_empty_model), one block at a time.
+
+    Block by block (sopq.stream.BlockWalk): the block is read once; the reference and then each
+    variant, its layers made from the block's weights and written in, run the block on that
+    variant's own hidden states; the original weights go back after each. Then the modules after
+    the blocks (final norm, head) turn each variant's last hidden states into the outputs that
+    EndToEnd compares. Peak memory: about one block (twice: its weights and their originals) with
+    its Gram matrices, one layer of one variant, and every variant's hidden states.
+
+    Per-layer rows (variant, layer, n, k, bpw, e_out, mse, acos), layers outer in the order of
+    `layers`; the end-to-end table is evaluate_variants' with the reference first. Both equal
+    the whole-model evaluation up to float rounding (tests/test_variants.py).
+    """
+    check_variant_layers(variants, layers)
+    runs = {"reference": {}, **variants}
+    scores = EndToEnd(kind, runs)
+    rows = {}
+    with BlockWalk(model, weights, sequences.split(batch_size), FITTING_MMAP_THRESHOLD) as walk:
+        by_block = walk.layers_by_block(layers)
+        hidden = dict.fromkeys(runs, walk.inputs)
+        for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="evaluate (blocks)", disable=not progress):
+            originals = {name: LayerInput(get_weight(layers[name]).clone(), gram[name]) for name in by_block[i]}
+            errors = {name: LayerErrors(layer.W, layer.H) for name, layer in originals.items()}
+            for variant, makers in runs.items():
+                try:
+                    for name in by_block[i]:
+                        if name in makers:
+                            W_hat, bpw = makers[name](originals[name])
+                            n, k = W_hat.shape
+                            rows[name, variant] = {"variant": variant, "layer": name, "n": n, "k": k, "bpw": bpw,
+                                                   **errors[name](W_hat)}
+                            set_weight(layers[name], W_hat)
+                    hidden[variant] = [walk.run(i, b, x) for b, x in enumerate(hidden[variant])]
+                finally:
+                    for name, layer in originals.items():
+                        set_weight(layers[name], layer.W)
+        for b, batch in enumerate(walk.batches):
+            ref = comparable_output(kind, walk.model_output(b, hidden["reference"][b]))
+            for variant in runs:
+                out = ref if variant == "reference" else comparable_output(kind, walk.model_output(b, hidden[variant][b]))
+                scores.add(variant, batch, ref, out)
+    per_layer = [rows[name, variant] for name in layers for variant in variants if (name, variant) in rows]
+    return pd.DataFrame(per_layer), scores.table()
 
 
 def summarize(per_layer: pd.DataFrame, end_to_end: pd.DataFrame) -> pd.DataFrame:

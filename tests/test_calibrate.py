@@ -11,7 +11,7 @@ from torch import nn
 from sopq.calibrate import collect_stats, collect_stats_streaming, load_gram
 from sopq.io import save_safetensors
 from sopq.model import load_empty_model, load_model, quantizable_layers, run_model, token_sequences
-from tiny_models import make_tiny_bert, make_tiny_gguf, make_tiny_llama, sample_text
+from tiny_models import make_tiny_bert, make_tiny_gguf_dir, make_tiny_llama, sample_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,11 +200,6 @@ def stats_both_ways(model_dir, kind, exclude, batch_size=2):
                                        batch_size, progress=False)
     assert all(p.is_meta for p in empty.parameters())  # every block was released again
     return whole, streamed
-
-
-def make_tiny_gguf_dir(path):
-    """A directory holding one tiny llama GGUF (float32 tensors, q/k rows permuted as llama.cpp does)."""
-    return make_tiny_gguf(Path(path) / "tiny.gguf").parent
 
 
 @pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sopq.io import sha256_file
 from sopq.packing import packed_words
 from sopq.quantize import quantize_layer
-from sopq.store import PackedFormatError, load_quantized, read_packed, save_quantized, write_packed
+from sopq.store import LazyLayers, PackedFormatError, load_quantized, read_packed, save_quantized, write_packed
 
 
 @pytest.fixture
@@ -34,6 +34,34 @@ def assert_same(a, b):
 def test_codebooks_file_roundtrip(tmp_path, layers):
     save_quantized(layers, tmp_path / "codebooks.safetensors")
     assert_same(layers, load_quantized(tmp_path / "codebooks.safetensors"))
+
+
+def test_fit_and_pack_hold_one_layer_at_a_time(tmp_path):
+    """Layers read on demand are written and dropped one by one: when a layer is read, at most
+    the one before it is still alive (the loop's variable), never all of them. Fit reads the
+    sensitivity fits this way, pack the codebooks file."""
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(1)
+    H = torch.eye(40, dtype=torch.float64)
+    layers = {f"block.{i}.q": quantize_layer(torch.randn(8, 40, generator=g), H, 4 + i, 32, "fp16") for i in range(5)}
+    alive_at_read, read = [], []
+
+    def load(name):
+        gc.collect()
+        alive_at_read.append(sum(ref() is not None for ref in read))
+        q = layers[name]
+        copy = type(q)(codes=q.codes.clone(), codebook=q.codebook.clone(), scales=q.scales.clone(),
+                       bits=q.bits, group=q.group, scale_format=q.scale_format)
+        read.append(weakref.ref(copy))
+        return copy
+
+    save_quantized(LazyLayers(layers, load), tmp_path / "codebooks.safetensors")
+    write_packed(LazyLayers(layers, load), tmp_path / "packed", "fam")
+    assert len(read) == 2 * len(layers) and max(alive_at_read) == 1  # each layer read once per file
+    assert_same(layers, load_quantized(tmp_path / "codebooks.safetensors"))
+    assert_same(layers, read_packed(tmp_path / "packed"))
 
 
 def test_packed_roundtrip_and_manifest(tmp_path, layers):

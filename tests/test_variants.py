@@ -3,14 +3,39 @@ import pytest
 import torch
 
 from sopq.baselines import BASELINES
-from sopq.variants import UNIFORM_BITS, alpha_validation, build_variants, layer_table, materialize, quality_table, summarize
+from sopq.calibrate import collect_stats
+from sopq.evaluate import evaluate_variants
+from sopq.model import get_weight, load_empty_model, load_model, quantizable_layers, token_sequences
+from sopq.metrics import layer_errors_many
+from sopq.variants import UNIFORM_BITS, LayerInput, alpha_validation, build_variants, evaluate_streaming, quality_table, summarize
 from sopq.quantize import quantize_layer
 from sopq.store import write_packed
+from tiny_models import make_tiny_bert, make_tiny_gguf_dir, make_tiny_llama, sample_text
 
 
 class Grams(dict):
     def __getitem__(self, layer):
         return torch.eye(64, dtype=torch.float64)
+
+
+def made(variants, weights, gram):
+    """{variant: {layer: (W_hat, bpw)}}: every variant's layers made from the original weights."""
+    return {v: {name: make(LayerInput(weights[name], gram[name])) for name, make in makers.items()}
+            for v, makers in variants.items()}
+
+
+def layer_table(weights, gram, hats):
+    """The per-layer rows evaluate_streaming writes, computed layer by layer in memory."""
+    rows = []
+    for layer, W in weights.items():
+        errors = layer_errors_many(W, {v: hats[v][layer][0] for v in hats}, gram[layer])
+        rows += [{"variant": v, "layer": layer, "n": W.shape[0], "k": W.shape[1], "bpw": hats[v][layer][1], **errors[v]}
+                 for v in hats]
+    return pd.DataFrame(rows)
+
+
+def shapes(weights):
+    return {name: tuple(W.shape) for name, W in weights.items()}
 
 
 def test_summarize_weights_bpw_by_layer_size():
@@ -34,13 +59,14 @@ def test_build_variants_reads_the_packed_plan_and_fits_uniform(tmp_path):
               for (name, W), bits in zip(weights.items(), (4, 8))}
     write_packed(packed, tmp_path / "packed", "fam")
     quantization = {"group": 32, "scale_format": "fp16", "error_feedback": True}
-    variants, bpw = build_variants(weights, Grams(), tmp_path / "packed", quantization)
-    assert set(variants) == {"sop_promoted", "sop6", *BASELINES}
-    assert torch.equal(materialize(variants["sop_promoted"]["a"]), packed["a"].dequantize())
+    hats = made(build_variants(shapes(weights), tmp_path / "packed", quantization), weights, Grams())
+    assert set(hats) == {"sop_promoted", "sop6", *BASELINES}
+    assert torch.equal(hats["sop_promoted"]["a"][0], packed["a"].dequantize())
+    bpw = {v: {layer: hat_bpw[1] for layer, hat_bpw in layers.items()} for v, layers in hats.items()}
     assert bpw["sop_promoted"]["a"] < bpw["sop6"]["a"] < bpw["sop_promoted"]["b"]
     assert bpw["sop6"]["a"] == pytest.approx(UNIFORM_BITS + 16 / 32 + 16 * 64 / (16 * 64))
-    table = layer_table(weights, Grams(), variants, bpw)
-    assert len(table) == 2 * len(variants)
+    table = layer_table(weights, Grams(), hats)
+    assert len(table) == 2 * len(hats)
     # 8 bits beat 4 bits on the same layer set; every variant is close to the weights.
     errors = table.set_index(["variant", "layer"])["e_out"]
     assert errors["sop_promoted", "b"] < errors["sop6", "b"] and (table["acos"] > 0.99).all()
@@ -61,16 +87,17 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     write_packed(load_fits(tmp_path / "fits", dict.fromkeys(weights, "b6.g32.fp16.free")), tmp_path / "packed", "fam")
     _, plans = budget_sweep(table, [7.0, 9.0])
     quantization = {"group": 32, "scale_format": "fp16", "mode": "free", "error_feedback": True}
-    variants, bpw = build_variants(
-        weights, grams, tmp_path / "packed", quantization, fits_dir=tmp_path / "fits",
+    variants = build_variants(
+        shapes(weights), tmp_path / "packed", quantization, fits_dir=tmp_path / "fits",
         sensitivity=table, sweep_plans=plans, comparisons={"ef_baselines": True, "uniform_without_ef": True},
     )
+    hats = made(variants, weights, grams)
     assert set(variants) == {"sop_promoted", "sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9",
                              "sop6_no_ef", *BASELINES, *EF_BASELINES}
     # The stored fits are what a fresh fit gives.
     fresh = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16")
-    assert torch.equal(materialize(variants["sop6"]["a"]), fresh.dequantize())
-    per_layer = layer_table(weights, grams, variants, bpw)
+    assert torch.equal(hats["sop6"]["a"][0], fresh.dequantize())
+    per_layer = layer_table(weights, grams, hats)
     e = per_layer.groupby("variant")["e_out"].median()
     assert e["sop_promoted@9"] < e["sop_promoted@7"] and e["sop6"] < e["sop6_no_ef"] or e["sop6"] == pytest.approx(e["sop6_no_ef"])
     end_to_end = pd.DataFrame({"variant": ["reference", *variants], "kl_mean": [0.0, *range(1, len(variants) + 1)]})
@@ -83,3 +110,74 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     check = alpha_validation(summary, pareto, "causal_lm")
     assert check["budget_bpw"].tolist() == [7.0, 9.0]  # 10.0 was not measured
     assert check["kl_mean"].tolist() == summary.set_index("variant").loc[["sop_promoted@7", "sop_promoted@9"], "kl_mean"].tolist()
+
+
+@pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),
+                                        (make_tiny_gguf_dir, "causal_lm")])
+def test_streaming_evaluation_equals_the_whole_model(tmp_path, make, kind):
+    """Block by block from disk gives the whole model's numbers: every variant's per-layer rows
+    and end-to-end metrics, and every weight is back on the meta device afterwards."""
+    model_dir = make(tmp_path / "model")
+    model, tokenizer = load_model(model_dir, kind)
+    exclude = ["lm_head", "pooler"]
+    layers = quantizable_layers(model, [".*"], exclude)
+    sequences = token_sequences(tokenizer, sample_text(3000), 5, 24)
+    stats, grams = collect_stats(model, layers, sequences, 2, progress=False)
+    gram = {row.layer: grams[row.gram_key].double() for row in stats.drop_duplicates("layer").itertuples()}
+    weights = {name: get_weight(m).clone() for name, m in layers.items()}
+    packed = {name: quantize_layer(W, gram[name], 4, 32, "fp16") for name, W in weights.items()}
+    write_packed(packed, tmp_path / "packed", "fam")
+    quantization = {"group": 32, "scale_format": "fp16", "error_feedback": True}
+    variants = build_variants(shapes(weights), tmp_path / "packed", quantization,
+                              comparisons={"ef_baselines": True, "uniform_without_ef": True})
+    hats = made(variants, weights, gram)
+    whole = evaluate_variants(model, kind, layers, {"reference": {}, **{v: {n: h[0] for n, h in layers_.items()}
+                                                                        for v, layers_ in hats.items()}},
+                              sequences, 2, progress=False)
+
+    empty, _, lazy = load_empty_model(model_dir, kind)
+    per_layer, end_to_end = evaluate_streaming(empty, lazy, kind, quantizable_layers(empty, [".*"], exclude), gram,
+                                               variants, sequences, 2, progress=False)
+    assert all(p.is_meta for p in empty.parameters())
+    pd.testing.assert_frame_equal(per_layer, layer_table(weights, gram, hats), check_exact=True)
+    assert end_to_end["variant"].tolist() == ["reference", *variants]
+    pd.testing.assert_frame_equal(end_to_end, whole, check_exact=False, rtol=1e-6, atol=1e-9)
+    # Not trivially equal: the variants differ from the reference and from each other.
+    damage = end_to_end.set_index("variant")["kl_mean" if kind == "causal_lm" else "cosine_mean"]
+    assert damage.nunique() > len(variants) // 2 and damage["sop_promoted"] != damage["reference"]
+
+
+def test_streaming_evaluation_holds_one_block(tmp_path):
+    """While a block runs, the only real weights are that block's (the embedding/head only
+    before and after the blocks): peak weight memory is one block, not the model."""
+    model_dir = make_tiny_llama(tmp_path / "model", num_hidden_layers=4)
+    model, tokenizer, lazy = load_empty_model(model_dir, "causal_lm")
+    layers = quantizable_layers(model, [".*"], ["lm_head"])
+    weights = {name: torch.zeros(get_weight(m).shape) for name, m in layers.items()}
+    write_packed({name: quantize_layer(torch.randn(W.shape), torch.eye(W.shape[1], dtype=torch.float64), 4, 32, "fp16")
+                  for name, W in weights.items()}, tmp_path / "packed", "fam")
+    variants = build_variants(shapes(weights), tmp_path / "packed", {"group": 32, "scale_format": "fp16", "error_feedback": False})
+    seen = []
+
+    def spy(block, args):
+        if next(block.parameters()).is_meta:
+            return  # a stub standing in for a block: nothing runs
+        real = {name for name, p in model.named_parameters() if not p.is_meta}
+        seen.append(({name.split(".")[2] for name in real if name.startswith("model.layers.")},
+                     {name for name in real if not name.startswith("model.layers.")}))
+
+    for block in model.model.layers:
+        block.register_forward_pre_hook(spy)
+    sequences = token_sequences(tokenizer, sample_text(2000), 2, 16)
+    evaluate_streaming(model, lazy, "causal_lm", layers, GramsOf(weights), variants, sequences, 2, progress=False)
+    assert {i for blocks, _ in seen for i in blocks} == {"0", "1", "2", "3"}
+    assert all(len(blocks) == 1 for blocks, _ in seen)
+    # Only the embedding, and only while the first pass computes block 0's inputs.
+    assert all(outside <= {"model.embed_tokens.weight"} for _, outside in seen)
+
+
+class GramsOf(dict):
+    """Identity Gram matrices of the right size for each layer."""
+
+    def __init__(self, weights):
+        super().__init__({name: torch.eye(W.shape[1], dtype=torch.float64) for name, W in weights.items()})

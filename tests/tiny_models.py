@@ -165,3 +165,8 @@ if __name__ == "__main__":
         Path(path).write_text(sample_text(n_words))
     else:
         sys.exit(f"unknown target {what!r}: use llama, bert or text")
+
+
+def make_tiny_gguf_dir(path) -> Path:
+    """A directory holding one tiny llama GGUF (float32 tensors, q/k rows permuted as llama.cpp does)."""
+    return make_tiny_gguf(Path(path) / "tiny.gguf").parent
