@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import launch_config
-from sopq.store import read_packed_tensors
+from sopq.store import PackedReader
 
 # Relative error allowed against the float64 reference with fp16 activations: fp16 rounding of
 # the output and of the dot's operands, accumulated in fp32.
@@ -34,15 +34,15 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
     in a CUDA graph, weights read from L2 for layers that fit in it: see kernels/BENCHMARKS.md
     for timings without that help).
     Raises ValueError naming the layers whose error is not finite or above MAX_REL_ERR."""
-    manifest, tensors = read_packed_tensors(packed_dir)
+    packed = PackedReader(packed_dir)  # one layer's codes in memory at a time
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else "cpu-interpreter"
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for name, meta in tqdm(manifest["layers"].items(), desc="kernel", unit="layer"):
+    for name, meta in tqdm(packed.manifest["layers"].items(), desc="kernel", unit="layer"):
         n, k = meta["shape"]
-        t = tensors[name]
+        t = packed.tensors(name)
         words, scales = t["codes"].to(device), t["scales"].to(device)
         codebook = t["codebook"].to(device)  # the kernel reads the lookup table as stored (fp16)
         shape = dict(bits=meta["bits"], group=meta["group"], n=n, k=k)
