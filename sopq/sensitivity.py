@@ -103,27 +103,6 @@ def option_key(bits: int, group: int, scale_format: str, mode: str) -> str:
     return f"b{bits}.g{group}.{scale_format}.{mode}"
 
 
-def _fit_one(W, H, bits, group, scale_format, mode, error_feedback, max_alternations):
-    return quantize_layer(W, H, bits, group, scale_format, error_feedback, mode, max_alternations=max_alternations)
-
-
-def fit_layers(
-    weights: dict[str, torch.Tensor],
-    gram: GramLookup,
-    formats: dict[str, tuple[int, int, str, str]],
-    error_feedback: bool,
-    desc: str = "fit",
-    workers: int = 1,
-    max_alternations: int = MAX_ALTERNATIONS,
-) -> dict[str, QuantizedLayer]:
-    """Quantize each layer named in `formats` (layer -> (bits, group, scale_format, mode))."""
-    tasks = (
-        (weights[name], gram[name], bits, group, fmt, mode, error_feedback, max_alternations)
-        for name, (bits, group, fmt, mode) in formats.items()
-    )
-    return dict(zip(formats, _map_layers(_fit_one, tasks, workers, desc, len(formats))))
-
-
 def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternations):
     """Every (bits, option) fit of one layer: (rows of the sensitivity table, {option key: fit}).
     The GPTQ factor of H is computed once and shared by all of them, the float64 product W H

@@ -17,7 +17,7 @@ from sopq.model import get_weight, load_model, quantizable_layers, set_weight, t
 from sopq.packed_model import PackedLinear
 from sopq.promote import promote
 from sopq.quantize import quantize_layer
-from sopq.sensitivity import FitOption, fit_layers, score_layers
+from sopq.sensitivity import FitOption, load_fits, plan_keys, score_layers
 from sopq.store import PackedFormatError, read_packed, write_packed
 from tiny_models import make_tiny_llama, sample_text
 
@@ -87,7 +87,7 @@ def test_zero_and_constant_layers_go_through_every_stage(llama_dir, tmp_path, im
     assert alpha[zero] == 0 and alpha[constant] > 0 and alpha[normal] > 0
 
     weights = {name: get_weight(m) for name, m in layers.items()}
-    table = score_layers(weights, gram, [4, 6], [FitOption(32, "fp16")], True)
+    table = score_layers(weights, gram, [4, 6], [FitOption(32, "fp16")], True, fits_dir=tmp_path / "fits")
     table["alpha"] = table["layer"].map(alpha)
     by_layer = table.set_index(["layer", "bits"])["e_out"]
     assert by_layer[zero].tolist() == [0.0, 0.0]
@@ -96,8 +96,7 @@ def test_zero_and_constant_layers_go_through_every_stage(llama_dir, tmp_path, im
 
     plan = promote(table, 5.0)
     assert plan.set_index("layer").loc[zero, "bits"] == 4  # promoting a zero layer buys nothing
-    fitted = fit_layers(weights, gram, {r.layer: (r.bits, r.group, r.scale_format, r.mode) for r in plan.itertuples()}, True)
-    write_packed(fitted, tmp_path / "packed", "llama")
+    write_packed(load_fits(tmp_path / "fits", plan_keys(plan)), tmp_path / "packed", "llama")
     packed = read_packed(tmp_path / "packed")
     assert torch.equal(packed[zero].dequantize(), torch.zeros_like(weights[zero]))
     torch.testing.assert_close(packed[constant].dequantize(), weights[constant], rtol=1e-3, atol=0)

@@ -4,7 +4,7 @@ import torch
 
 from sopq.formats import sop_bpw
 from sopq.quantize import quantize_layer
-from sopq.sensitivity import FitOption, GramLookup, fit_layers, load_fits, resolve_group, score_layers, search_options
+from sopq.sensitivity import FitOption, GramLookup, load_fits, resolve_group, score_layers, search_options
 
 
 def layers():
@@ -72,11 +72,13 @@ def test_search_space_options_and_stored_fits_round_trip(tmp_path):
         load_fits(tmp_path / "fits", {"a.o": "b6.g48.fp16.free"})
 
 
-def test_fit_layers_same_codes_with_workers():
-    formats = {"a.q": (5, 32, "e8m0", "free"), "a.o": (6, 16, "bf16", "fp8")}
-    serial = fit_layers(layers(), grams([]), formats, True)
-    parallel = fit_layers(layers(), grams([]), formats, True, workers=2)
-    for name in formats:
+def test_score_layers_same_fits_with_workers(tmp_path):
+    wanted = {"a.q": "b5.g32.e8m0.free", "a.o": "b6.g16.bf16.fp8"}
+    options = [FitOption(32, "e8m0", "free"), FitOption(16, "bf16", "fp8")]
+    score_layers(layers(), grams([]), [5, 6], options, True, fits_dir=tmp_path / "serial")
+    score_layers(layers(), grams([]), [5, 6], options, True, workers=2, fits_dir=tmp_path / "parallel")
+    serial, parallel = load_fits(tmp_path / "serial", wanted), load_fits(tmp_path / "parallel", wanted)
+    for name in wanted:
         assert torch.equal(serial[name].codes, parallel[name].codes)
         assert torch.equal(serial[name].scales, parallel[name].scales)
     assert serial["a.o"].scales.dtype == torch.bfloat16 and serial["a.o"].group == 16
