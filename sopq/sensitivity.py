@@ -8,7 +8,7 @@ import json
 import multiprocessing
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +53,18 @@ class GramLookup:
         return self._cache[key]
 
 
+# How many finished layers may wait, per worker, behind one that is still being fitted.
+MAX_AHEAD = 8
+
+
 def _map_layers(fn, tasks, workers: int, desc: str, total: int):
     """Yield fn(*task) for each task in order. With workers > 1, single-threaded worker
     processes share the layers: per-layer fitting is many small ops, which threads within one
-    process do not speed up. A bounded window of tasks is in flight, so only a few Gram
-    matrices are held at a time."""
+    process do not speed up. At most 2 * workers tasks are queued or running, so only a few
+    Gram matrices are held at a time; a new task starts whenever any finishes, not only the
+    oldest: a slow layer (a down projection's K^3 factor) would otherwise leave the other
+    workers idle until it is done. Finished results wait, at most MAX_AHEAD * workers of them,
+    until the ones before them are yielded."""
     tasks = iter(tasks)
     with tqdm(desc=desc, unit="layer", total=total) as bar:
         if workers <= 1:
@@ -69,12 +76,26 @@ def _map_layers(fn, tasks, workers: int, desc: str, total: int):
         # (spawn would rerun a Snakemake script's top level in every child.)
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            window = deque(pool.submit(fn, *task) for task in itertools.islice(tasks, 2 * workers))
-            while window:
-                result = window.popleft().result()
-                for task in itertools.islice(tasks, 1):
-                    window.append(pool.submit(fn, *task))
-                yield result
+            submitted: deque = deque()  # futures in task order, from the oldest not yet yielded
+            running: set = set()
+            exhausted = False
+            while True:
+                while not exhausted and len(running) < 2 * workers and len(submitted) < MAX_AHEAD * workers:
+                    task = next(tasks, None)
+                    if task is None:
+                        exhausted = True
+                        break
+                    future = pool.submit(fn, *task)
+                    submitted.append(future)
+                    running.add(future)
+                if not submitted:
+                    return
+                if not submitted[0].done():
+                    _, pending = wait(running, return_when=FIRST_COMPLETED)
+                    running = set(pending)
+                    continue
+                running.discard(submitted[0])
+                yield submitted.popleft().result()
                 bar.update()
 
 

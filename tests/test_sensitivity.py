@@ -1,10 +1,12 @@
+import multiprocessing
+
 import pandas as pd
 import pytest
 import torch
 
 from sopq.formats import sop_bpw
 from sopq.quantize import quantize_layer
-from sopq.sensitivity import FitOption, GramLookup, load_fits, resolve_group, score_layers, search_options
+from sopq.sensitivity import FitOption, _map_layers, GramLookup, load_fits, resolve_group, score_layers, search_options
 
 
 def layers():
@@ -50,6 +52,27 @@ def test_score_layers_table_and_worker_processes_agree(tmp_path):
     for layer in ("a.q", "a.k", "a.o"):
         wanted = {layer: "b6.g32.fp16.free"}
         assert torch.equal(load_fits(tmp_path / "serial", wanted)[layer].codes, load_fits(tmp_path / "parallel", wanted)[layer].codes)
+
+
+# Set by a later task; inherited by the forked worker processes of _map_layers.
+_LATER_TASK_RAN = multiprocessing.get_context("fork").Event()
+
+
+def _blocks_until_a_later_task_runs(i):
+    """Task 0 waits (bounded) for a task more than a window's length behind it to run."""
+    if i == 0:
+        return i, _LATER_TASK_RAN.wait(timeout=60)
+    if i == 6:
+        _LATER_TASK_RAN.set()
+    return i, True
+
+
+def test_map_layers_keeps_workers_busy_behind_a_slow_layer_and_yields_in_order():
+    # Task 0 finishes only once task 6 has started: with 2 workers at most 4 tasks are queued or
+    # running, so task 6 can run only if tasks behind a slow one are started as others finish.
+    _LATER_TASK_RAN.clear()
+    results = list(_map_layers(_blocks_until_a_later_task_runs, ((i,) for i in range(10)), 2, "test", 10))
+    assert results == [(i, True) for i in range(10)]
 
 
 def test_search_space_options_and_stored_fits_round_trip(tmp_path):
