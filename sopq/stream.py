@@ -170,10 +170,11 @@ class BlockWalk:
         args, kwargs = self._block_args[i][batch]
         return hidden_states(self.stack[i](hidden, *args, **kwargs))
 
-    def model_output(self, batch: int, last_hidden: torch.Tensor):
-        """The model's output for batch `batch` when its last block returns `last_hidden`. The
-        modules outside the blocks are read on first use and kept until close()."""
+    def model_output(self, batch: int, last_hidden: torch.Tensor, sequences: slice = slice(None)):
+        """The model's output for the `sequences` of batch `batch` when its last block returns
+        `last_hidden` for them. The modules outside the blocks are read on first use and kept
+        until close()."""
         form = self._output_form
         output = (last_hidden, *form[1:]) if isinstance(form, (tuple, list)) else last_hidden
         with self._outer_read_on_call(), self._stubbed(lambda *_: output):
-            return run_model(self.model, self.batches[batch])
+            return run_model(self.model, self.batches[batch][sequences])

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sopq.baselines import BASELINES, EF_BASELINES
-from sopq.evaluate import EndToEnd, check_variant_layers, comparable_output
+from sopq.evaluate import EndToEnd, check_variant_layers, comparable_output, scoring_pieces
 from sopq.formats import average_bpw, sop_bpw
 from sopq.metrics import LayerErrors
 from sopq.model import get_weight, set_weight
@@ -180,11 +180,16 @@ def evaluate_streaming(
                 finally:
                     for name, layer in originals.items():
                         set_weight(layers[name], layer.W)
+        # The head runs on a few sequences at a time: the reference's next-token distributions
+        # are prepared once per piece for all variants, and a piece's float64 logits stay small.
         for b, batch in enumerate(walk.batches):
-            ref = comparable_output(kind, walk.model_output(b, hidden["reference"][b]))
-            for variant in runs:
-                out = ref if variant == "reference" else comparable_output(kind, walk.model_output(b, hidden[variant][b]))
-                scores.add(variant, batch, ref, out)
+            for piece in scoring_pieces(batch):
+                ref = comparable_output(kind, walk.model_output(b, hidden["reference"][b][piece], piece))
+                scores.reference(batch[piece], ref)
+                for variant in runs:
+                    out = ref if variant == "reference" else comparable_output(
+                        kind, walk.model_output(b, hidden[variant][b][piece], piece))
+                    scores.add(variant, out)
     per_layer = [rows[name, variant] for name in layers for variant in variants if (name, variant) in rows]
     return pd.DataFrame(per_layer), scores.table()
 

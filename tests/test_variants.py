@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
+import sopq.evaluate
 from sopq.baselines import BASELINES
 from sopq.calibrate import collect_stats
 from sopq.evaluate import evaluate_variants
@@ -114,9 +115,11 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
 
 @pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),
                                         (make_tiny_gguf_dir, "causal_lm")])
-def test_streaming_evaluation_equals_the_whole_model(tmp_path, make, kind):
+def test_streaming_evaluation_equals_the_whole_model(tmp_path, make, kind, monkeypatch):
     """Block by block from disk gives the whole model's numbers: every variant's per-layer rows
-    and end-to-end metrics, and every weight is back on the meta device afterwards."""
+    and end-to-end metrics, and every weight is back on the meta device afterwards. The
+    streaming head scores one sequence at a time here, the whole model two."""
+    monkeypatch.setattr(sopq.evaluate, "SCORING_TOKENS", 24)
     model_dir = make(tmp_path / "model")
     model, tokenizer = load_model(model_dir, kind)
     exclude = ["lm_head", "pooler"]
