@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -38,37 +39,47 @@ class LayerInput:
         return inverse_cholesky(self.H)
 
 
-# A variant is {layer: make}, make(LayerInput) -> (W_hat (N, K) float32, all-in bpw): layers are
-# made when their block runs, so no variant is ever held whole.
+class MadeLayer(NamedTuple):
+    """One layer of one variant: W_hat (N, K) float32, its all-in bpw, and its errors
+    (LayerErrors' e_out, mse, acos) when they are already known, else None."""
+
+    W_hat: torch.Tensor
+    bpw: float
+    errors: dict[str, float] | None = None
 
 
-def _quantized(q: QuantizedLayer) -> tuple[torch.Tensor, float]:
-    return q.dequantize(), sop_bpw(q.bits, q.group, q.scale_format, *q.codes.shape)
+# A variant is {layer: make}, make(LayerInput) -> MadeLayer: layers are made when their block
+# runs, so no variant is ever held whole.
 
 
-def _packed(reader: PackedReader, name: str, _: LayerInput):
+def _quantized(q: QuantizedLayer, errors: dict[str, float] | None = None) -> MadeLayer:
+    return MadeLayer(q.dequantize(), sop_bpw(q.bits, q.group, q.scale_format, *q.codes.shape), errors)
+
+
+def _packed(reader: PackedReader, name: str, _: LayerInput) -> MadeLayer:
     return _quantized(reader.layer(name))
 
 
-def _stored_fit(fits_dir, name: str, key: str, _: LayerInput):
-    return _quantized(load_fits(fits_dir, {name: key})[name])
+def _stored_fit(fits_dir, name: str, key: str, errors: dict[str, float] | None, _: LayerInput) -> MadeLayer:
+    # The sensitivity stage measured this very fit against the same W and H: its errors are reused.
+    return _quantized(load_fits(fits_dir, {name: key})[name], errors)
 
 
-def _fitted(form: tuple, error_feedback: bool, layer: LayerInput):
+def _fitted(form: tuple, error_feedback: bool, layer: LayerInput) -> MadeLayer:
     bits, group, scale_format, mode = form
     hinv = layer.hinv if error_feedback else None
     return _quantized(quantize_layer(layer.W, layer.H, bits, group, scale_format, error_feedback, mode,
                                      hinv_chol=hinv, max_alternations=MAX_ALTERNATIONS))
 
 
-def _rounded(baseline, layer: LayerInput):
+def _rounded(baseline, layer: LayerInput) -> MadeLayer:
     W_hat, bpw = baseline(layer.W)
-    return W_hat.float(), bpw
+    return MadeLayer(W_hat.float(), bpw)
 
 
-def _error_feedback(grid_of, layer: LayerInput):
+def _error_feedback(grid_of, layer: LayerInput) -> MadeLayer:
     grid = grid_of(layer.W)
-    return grid.error_feedback(layer.W, layer.hinv), grid.bpw
+    return MadeLayer(grid.error_feedback(layer.W, layer.hinv), grid.bpw)
 
 
 def budget_variant(budget: float) -> str:
@@ -90,7 +101,8 @@ def build_variants(
     - sop_promoted, read back from the packed files, so the evaluation checks what was shipped;
     - sop6: every layer at UNIFORM_BITS with the configured group/scale_format/mode, taken from
       the sensitivity stage's fits (fits_dir) when given, else fitted here; with the fits and
-      the sensitivity table, also sop6[<option>] for every other option of the search space;
+      the sensitivity table, also sop6[<option>] for every other option of the search space
+      (the errors of stored fits are the sensitivity table's, measured on the same W and H);
     - sop_promoted@B for each budget B in sweep_plans (promote.budget_sweep's stacked plans);
     - sop6_no_ef (comparisons.uniform_without_ef): sop6 without error feedback;
     - every fixed-format baseline, round to nearest, and (comparisons.ef_baselines) the
@@ -102,8 +114,15 @@ def build_variants(
         for name, (_, k) in shapes.items()
     }
 
+    measured = {}  # (layer, option key) -> the sensitivity table's errors of that fit
+    if sensitivity is not None:
+        for row in sensitivity.itertuples():
+            measured[row.layer, option_key(row.bits, row.group, row.scale_format, row.mode)] = {
+                "e_out": row.e_out, "mse": row.mse, "acos": row.acos}
+
     def stored(keys: dict[str, str]) -> dict:
-        return {name: functools.partial(_stored_fit, fits_dir, name, key) for name, key in keys.items()}
+        return {name: functools.partial(_stored_fit, fits_dir, name, key, measured.get((name, key)))
+                for name, key in keys.items()}
 
     def fitted(error_feedback: bool) -> dict:
         return {name: functools.partial(_fitted, form, error_feedback) for name, form in uniform.items()}
@@ -166,16 +185,21 @@ def evaluate_streaming(
         hidden = dict.fromkeys(runs, walk.inputs)
         for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="evaluate (blocks)", disable=not progress):
             originals = {name: LayerInput(get_weight(layers[name]).clone(), gram[name]) for name in by_block[i]}
-            errors = {name: LayerErrors(layer.W, layer.H) for name, layer in originals.items()}
+            errors = {}  # LayerErrors per layer, made for the first variant whose errors are not known
             for variant, makers in runs.items():
                 try:
                     for name in by_block[i]:
                         if name in makers:
-                            W_hat, bpw = makers[name](originals[name])
-                            n, k = W_hat.shape
-                            rows[name, variant] = {"variant": variant, "layer": name, "n": n, "k": k, "bpw": bpw,
-                                                   **errors[name](W_hat)}
-                            set_weight(layers[name], W_hat)
+                            made = makers[name](originals[name])
+                            measured = made.errors
+                            if measured is None:
+                                if name not in errors:
+                                    errors[name] = LayerErrors(originals[name].W, originals[name].H)
+                                measured = errors[name](made.W_hat)
+                            n, k = made.W_hat.shape
+                            rows[name, variant] = {"variant": variant, "layer": name, "n": n, "k": k, "bpw": made.bpw,
+                                                   **measured}
+                            set_weight(layers[name], made.W_hat)
                     hidden[variant] = [walk.run(i, b, x) for b, x in enumerate(hidden[variant])]
                 finally:
                     for name, layer in originals.items():

@@ -98,7 +98,15 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     # The stored fits are what a fresh fit gives.
     fresh = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16")
     assert torch.equal(hats["sop6"]["a"][0], fresh.dequantize())
+    # Stored fits carry the sensitivity table's errors, which are those of the layer they give;
+    # the packed plan and the fitted or rounded variants carry none (evaluate measures them).
     per_layer = layer_table(weights, grams, hats)
+    for variant in ("sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9"):
+        for layer in weights:
+            carried = hats[variant][layer].errors
+            fresh_errors = per_layer.set_index(["variant", "layer"]).loc[(variant, layer), ["e_out", "mse", "acos"]]
+            assert carried == pytest.approx(fresh_errors.to_dict(), rel=1e-6, abs=1e-12)
+    assert all(hats[v]["a"].errors is None for v in ("sop_promoted", "sop6_no_ef", "fp8_channel", "int6_channel_ef"))
     e = per_layer.groupby("variant")["e_out"].median()
     assert e["sop_promoted@9"] < e["sop_promoted@7"] and e["sop6"] < e["sop6_no_ef"] or e["sop6"] == pytest.approx(e["sop6_no_ef"])
     end_to_end = pd.DataFrame({"variant": ["reference", *variants], "kl_mean": [0.0, *range(1, len(variants) + 1)]})
