@@ -61,26 +61,31 @@ class _NextTokenReference:
     predicted token and vocabulary entry (callers pass batches of a few hundred tokens)."""
 
     def __init__(self, ref_logits: torch.Tensor, input_ids: torch.Tensor):
-        V = ref_logits.shape[-1]
-        z = ref_logits[:, :-1].reshape(-1, V)
+        z = ref_logits[:, :-1].reshape(-1, ref_logits.shape[-1])
         self.argmax = z.argmax(-1)
         self.targets = input_ids[:, 1:].reshape(-1, 1)
-        z = z.double()
-        lse = z.logsumexp(-1)
-        self.p = (z - lse[:, None]).exp_()
+        # One float64 work buffer for every comparison: a fresh one per variant cost more in page
+        # faults (each a new memory map) than the arithmetic on it.
+        self._work = torch.empty(z.shape, dtype=torch.float64)
+        lse = self._logsumexp(z)
+        self.p = z.double().sub_(lse[:, None]).exp_()
         # p . logp_ref, by the same operations as compare's p . logp: the reference's KL is exactly 0.
-        self.p_logp = _row_dot(self.p, z) - lse
+        self.p_logp = _row_dot(self.p, self._work.copy_(z)) - lse
+
+    def _logsumexp(self, z: torch.Tensor) -> torch.Tensor:
+        """Per row, the float64 log-sum-exp of float32 logits z (overwrites the work buffer)."""
+        m = z.amax(-1, keepdim=True)
+        return m.squeeze(1).double() + self._work.copy_(z).sub_(m).exp_().sum(-1).log()
 
     def compare(self, logits: torch.Tensor):
         """Per predicted token: NLL of the true next token, KL(ref || variant), argmax agreement."""
-        V = logits.shape[-1]
-        z = logits[:, :-1].reshape(-1, V)
-        agree = z.argmax(-1) == self.argmax  # the float32 logits: same order as their float64 values
-        z = z.double()
-        lse = z.logsumexp(-1)
-        nll = lse - z.gather(1, self.targets).squeeze(1)
-        kl = self.p_logp - (_row_dot(self.p, z) - lse)
-        return nll, kl, agree
+        z = logits[:, :-1].reshape(-1, logits.shape[-1])
+        agree = z.argmax(-1) == self.argmax  # float32 logits: the same order as their float64 values
+        z64 = self._work.copy_(z)
+        cross = _row_dot(self.p, z64)
+        target = z64.gather(1, self.targets).squeeze(1)
+        lse = self._logsumexp(z)
+        return lse - target, self.p_logp - (cross - lse), agree
 
 
 def _one_minus_cosine(ref_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

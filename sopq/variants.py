@@ -21,6 +21,7 @@ from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, qu
 from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
 from sopq.store import PackedReader
 from sopq.stream import FITTING_MMAP_THRESHOLD, BlockWalk
+from sopq.workers import run_forked
 
 # Width of the uniform SOP variants, "sop6...": the report measures promotion against them.
 UNIFORM_BITS = 6
@@ -150,7 +151,6 @@ def build_variants(
     return variants
 
 
-@torch.no_grad()
 def evaluate_streaming(
     model: nn.Module,
     weights,
@@ -161,9 +161,38 @@ def evaluate_streaming(
     sequences: torch.Tensor,
     batch_size: int,
     progress: bool = True,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-layer table, end-to-end table) of every variant against the reference, for a model
-    whose parameters are on the meta device (sopq.model.load_empty_model), one block at a time.
+    whose parameters are on the meta device (sopq.model.load_empty_model), one block at a time
+    (_evaluate_streaming). With workers > 1 the variants are dealt out to that many forked
+    single-threaded processes (sopq.workers.run_forked), each of which also runs the reference;
+    the tables are the same as from one process, in the same order."""
+    check_variant_layers(variants, layers)
+    names = list(variants)
+    parts = [names[i::workers] for i in range(min(workers, len(names)))]
+    if len(parts) <= 1:
+        return _evaluate_streaming(model, weights, kind, layers, gram, variants, sequences, batch_size, progress)
+
+    def evaluate_part(part: list[str]):
+        return _evaluate_streaming(model, weights, kind, layers, gram, {v: variants[v] for v in part}, sequences,
+                                   batch_size, progress and part is parts[0])
+
+    results = run_forked(evaluate_part, parts)
+    order = {"layer": {name: i for i, name in enumerate(layers)}, "variant": {v: i for i, v in enumerate(["reference", *names])}}
+
+    def by_order(column: pd.Series) -> pd.Series:
+        return column.map(order[column.name])
+
+    per_layer = pd.concat([r[0] for r in results]).sort_values(["layer", "variant"], key=by_order)
+    # Every part ran the reference: its row is taken once.
+    end_to_end = pd.concat([results[0][1], *(r[1].iloc[1:] for r in results[1:])]).sort_values("variant", key=by_order)
+    return per_layer.reset_index(drop=True), end_to_end.reset_index(drop=True)
+
+
+@torch.no_grad()
+def _evaluate_streaming(model, weights, kind, layers, gram, variants, sequences, batch_size, progress):
+    """evaluate_streaming in this process.
 
     Block by block (sopq.stream.BlockWalk): the block is read once; the reference and then each
     variant, its layers made from the block's weights and written in, run the block on that

@@ -153,6 +153,12 @@ def test_streaming_evaluation_equals_the_whole_model(tmp_path, make, kind, monke
     pd.testing.assert_frame_equal(per_layer, layer_table(weights, gram, hats), check_exact=True)
     assert end_to_end["variant"].tolist() == ["reference", *variants]
     pd.testing.assert_frame_equal(end_to_end, whole, check_exact=False, rtol=1e-6, atol=1e-9)
+    # Variants dealt out to worker processes: the same tables, in the same order.
+    empty, _, lazy = load_empty_model(model_dir, kind)
+    in_workers = evaluate_streaming(empty, lazy, kind, quantizable_layers(empty, [".*"], exclude), gram,
+                                    variants, sequences, 2, progress=False, workers=3)
+    pd.testing.assert_frame_equal(in_workers[0], per_layer, check_exact=False, rtol=1e-6, atol=1e-12)
+    pd.testing.assert_frame_equal(in_workers[1], end_to_end, check_exact=False, rtol=1e-6, atol=1e-12)
     # Not trivially equal: the variants differ from the reference and from each other.
     damage = end_to_end.set_index("variant")["kl_mean" if kind == "causal_lm" else "cosine_mean"]
     assert damage.nunique() > len(variants) // 2 and damage["sop_promoted"] != damage["reference"]

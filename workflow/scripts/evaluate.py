@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 
 from sopq.io import write_parquet
-from sopq.logs import rule_log
+from sopq.logs import rule_log, usable_cpus
 from sopq.model import get_weight, load_empty_model, quantizable_layers, token_sequences
 from sopq.sensitivity import GramLookup
 from sopq.variants import build_variants, evaluate_streaming, summarize
@@ -25,6 +25,7 @@ with rule_log(snakemake.log[0], snakemake.threads):
     )
     e = p.evaluation
     sequences = token_sequences(tokenizer, Path(snakemake.input.text).read_text(), e["n_seq"], e["seq_len"])
-    per_layer, end_to_end = evaluate_streaming(model, weights, p.kind, layers, gram, variants, sequences, e["batch_size"])
+    per_layer, end_to_end = evaluate_streaming(model, weights, p.kind, layers, gram, variants, sequences, e["batch_size"],
+                                               workers=usable_cpus(snakemake.threads))
     write_parquet(per_layer, snakemake.output.layers)
     write_parquet(summarize(per_layer, end_to_end), snakemake.output.summary)
