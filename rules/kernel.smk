@@ -6,7 +6,9 @@ rule kernel:
     params:
         m=config["kernel"]["m"],
         seed=config["seed"],
-    threads: workflow.cores
+    # One thread: the Triton interpreter runs in Python, and a GPU needs no CPU threads; so the
+    # kernel check runs beside other jobs.
+    threads: 1
     # One GPU where the executor has them (SLURM profile, or --resources gpu=N locally): the
     # script runs the kernel there and records timings; without one it runs in the Triton
     # interpreter and records errors only.

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import KINDS, get_weight, run_model, set_weight
-from .stream import FITTING_MMAP_THRESHOLD, BlockWalk
+from .stream import HEAP_ONLY, BlockWalk
 
 
 def _check_kind(kind: str) -> None:
@@ -394,7 +394,7 @@ def probe_layer_importance_streaming(
     generator = torch.Generator().manual_seed(seed)
     grad_sq = dict.fromkeys(layers, 0.0)
     output_scale = {}
-    with torch.no_grad(), BlockWalk(model, weights, sequences.split(batch_size), FITTING_MMAP_THRESHOLD) as walk:
+    with torch.no_grad(), BlockWalk(model, weights, sequences.split(batch_size), HEAP_ONLY) as walk:
         by_block = walk.layers_by_block(layers)
         block_inputs = [walk.inputs]
         for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="layer importance (forward)", disable=not progress):

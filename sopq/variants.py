@@ -20,7 +20,7 @@ from sopq.model import get_weight, set_weight
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
 from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
 from sopq.store import PackedReader
-from sopq.stream import FITTING_MMAP_THRESHOLD, BlockWalk
+from sopq.stream import HEAP_ONLY, BlockWalk
 from sopq.workers import run_forked
 
 # Width of the uniform SOP variants, "sop6...": the report measures promotion against them.
@@ -209,7 +209,7 @@ def _evaluate_streaming(model, weights, kind, layers, gram, variants, sequences,
     runs = {"reference": {}, **variants}
     scores = EndToEnd(kind, runs)
     rows = {}
-    with BlockWalk(model, weights, sequences.split(batch_size), FITTING_MMAP_THRESHOLD) as walk:
+    with BlockWalk(model, weights, sequences.split(batch_size), HEAP_ONLY) as walk:
         by_block = walk.layers_by_block(layers)
         hidden = dict.fromkeys(runs, walk.inputs)
         for i, _ in tqdm(walk.blocks(), total=len(by_block), desc="evaluate (blocks)", disable=not progress):
