@@ -1,14 +1,14 @@
 """y = x @ W_hat^T straight from the packed codes: Triton lookup-table matmuls.
 
-Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way (_decode_tile): each int32
-word of each bit plane (sopq/packing.py) is loaded once, split into its fields by shifts, the
-fields are joined into codes, looked up in the codebook and multiplied by their group scale.
-W_hat is never held whole in memory.
+Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way: each int32 word of each bit
+plane (sopq/packing.py) is loaded once (the next K tile's words while this one is decoded),
+split into its fields by constant shifts, the fields are joined into codes and looked up in the
+codebook, which tl.gather reads from shared memory. Group scales multiply either each weight or,
+where a whole K tile lies in one group, the tile's product. W_hat is never held whole in memory.
 
-- _lut_gemv_kernel (M = 1): each program owns BLOCK_N output columns and one K split, and
-  reduces x * w on the CUDA cores.
-- _lut_mma_kernel (1 < M < PANEL_MIN_M): (BLOCK_M, BLOCK_N) output tiles on the tensor cores
-  (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows of x.
+- _lut_mma_kernel (M < PANEL_MIN_M, M = 1 included): (BLOCK_M, BLOCK_N) output tiles on the
+  tensor cores (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows
+  of x. At M = 1 the 15 padding rows of the smallest tile cost little next to the decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -45,85 +45,137 @@ def scale_format(scales: torch.Tensor) -> str:
 
 
 @triton.jit
-def _plane_fields(codes_ptr, plane_base, row_words, rows, sub, f, j, K,
-                  WIDTH: tl.constexpr, S: tl.constexpr, MASK_K: tl.constexpr):
-    """Fields of one bit plane as a (BLOCK_N, C, F, S) tile: entry [n, c, f, j] is the field of
-    code S * (sub[c] + f) + j of row rows[n] (sopq/packing.py).
+def _plane_words(codes_ptr, plane_base, row_words, n, k0, limit,
+                 WIDTH: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """The words of one bit plane that hold the codes of K tile k0 (C chunks of F * S codes) of
+    rows n, as a (BLOCK_N, C, 1, S) tile; chunks from `limit` on read 0.
 
-    sub[c] = k0 / S + c * F is a multiple of F, and F divides this plane's 32 / WIDTH fields per
-    word, so the F sub-chunks of one c share their S words: each word is loaded once, as a
-    (BLOCK_N, C, 1, S) tile, and split into its fields by shifts broadcast over f."""
+    k0 is a multiple of F * S and F divides this plane's 32 / WIDTH fields per word, so the F
+    sub-chunks of one chunk share their S words (sopq/packing.py): each word is loaded once. The
+    part of the fields' bit offset that depends on k0 is shifted out here, once per word, so
+    that _fields shifts by compile-time constants."""
     PER_WORD: tl.constexpr = 32 // WIDTH
-    ptrs = codes_ptr + plane_base + rows * row_words + (sub // PER_WORD) * S + j
-    if MASK_K:
-        words = tl.load(ptrs, mask=sub * S < K, other=0)
-    else:
-        words = tl.load(ptrs)
-    return (words >> (((sub % PER_WORD) + f) * WIDTH)) & ((1 << WIDTH) - 1)
+    c = tl.arange(0, C)[None, :, None, None]
+    sub = k0 // S + c * F
+    words = tl.load(codes_ptr + plane_base + n * row_words + (sub // PER_WORD) * S + tl.arange(0, S)[None, None, None, :],
+                    mask=sub * S < limit, other=0)
+    if PER_WORD > F:
+        words = words >> (((k0 // S) % PER_WORD) * WIDTH)
+    return words
+
+
+@triton.jit
+def _fields(words, WIDTH: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """(BLOCK_N, C, F, S) fields of a (BLOCK_N, C, 1, S) tile of _plane_words: entry [n, c, f, j]
+    belongs to code (c * F + f) * S + j of the K tile. c and f index registers, so every shift
+    is a constant."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    c = tl.arange(0, C)[None, :, None, None]
+    f = tl.arange(0, F)[None, None, :, None]
+    return (words >> (((c * F) % PER_WORD + f) * WIDTH)) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
+def _tile_words(codes_ptr, n, k0, limit, row_words0, row_words1, row_words2, plane_base1, plane_base2,
+                W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+                F: tl.constexpr):
+    """Every plane's _plane_words for K tile k0; an absent plane repeats the first one (unused)."""
+    words0 = _plane_words(codes_ptr, 0, row_words0, n, k0, limit, W0, S, C, F)
+    words1 = words0
+    words2 = words0
+    if W1 > 0:
+        words1 = _plane_words(codes_ptr, plane_base1, row_words1, n, k0, limit, W1, S, C, F)
+    if W2 > 0:
+        words2 = _plane_words(codes_ptr, plane_base2, row_words2, n, k0, limit, W2, S, C, F)
+    return words0, words1, words2
 
 
 @triton.jit
 def _load_in_place(ptrs, ASM_LOADS: tl.constexpr):
     """tl.load(ptrs) in the register layout of the pointers themselves.
 
-    For the codebook lookup (a data-dependent gather) and the group scales, tl.load would make
-    Triton choose a layout of its own for the load and move the whole decoded tile through
-    shared memory to get back to the weights' layout, every K tile; an inline-asm load keeps
-    the layout. The codebook is tiny, so its loads hit L1. The interpreter cannot run PTX and
-    takes tl.load (ASM_LOADS false)."""
+    For the group scales, tl.load would make Triton choose a layout of its own for the load and
+    move it through shared memory to get back to the weights' layout; an inline-asm load keeps
+    the layout. The interpreter cannot run PTX and takes tl.load (ASM_LOADS false)."""
     if ASM_LOADS:
         address = ptrs.to(tl.int64)
         ty: tl.constexpr = ptrs.dtype.element_ty
         if ty.primitive_bitwidth == 8:
             bits = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=h,l", [address],
                                              dtype=tl.int16, is_pure=True, pack=1).to(tl.int8)
-        elif ty.primitive_bitwidth == 16:
+        else:
             bits = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [address],
                                              dtype=tl.int16, is_pure=True, pack=1)
-        else:
-            bits = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [address],
-                                             dtype=tl.int32, is_pure=True, pack=1)
         return bits.to(ty, bitcast=True)
     else:
         return tl.load(ptrs)
 
 
 @triton.jit
-def _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                 row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                 GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
-                 MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
-    """W_hat[rows, k0 : k0 + C * F * S] in fp32 as a (BLOCK_N, C, F, S) tile whose row-major order
-    is the order of k (F = 32 / W0 fields per word of the first plane); exactly 0 past K."""
-    c = tl.arange(0, C)[None, :, None, None]
-    f = tl.arange(0, F)[None, None, :, None]
-    j = tl.arange(0, S)[None, None, None, :]
-    n = rows[:, None, None, None]
-    sub = k0 // S + c * F
-    codes = _plane_fields(codes_ptr, 0, row_words0, n, sub, f, j, K, W0, S, MASK_K)
+def _lookup(codebook, words0, words1, words2, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+            C: tl.constexpr, F: tl.constexpr):
+    """codebook[code] for every code of a K tile, (BLOCK_N, C, F, S) fp32.
+
+    The codebook sits in registers (loaded once per program); tl.gather copies it to shared
+    memory and reads one entry per code from there: one shared load at a 32-bit address, where
+    a load from global memory (L1) needed a 64-bit one, and Triton keeps the codes' layout."""
+    codes = _fields(words0, W0, C, F)
     if W1 > 0:
-        codes |= _plane_fields(codes_ptr, plane_base1, row_words1, n, sub, f, j, K, W1, S, MASK_K) << W0
+        codes |= _fields(words1, W1, C, F) << W0
     if W2 > 0:
-        codes |= _plane_fields(codes_ptr, plane_base2, row_words2, n, sub, f, j, K, W2, S, MASK_K) << (W0 + W1)
-    k_first = (sub + f) * S  # first k of each sub-chunk, (1, C, F, 1)
-    values = _load_in_place(codebook_ptr + codes, ASM_LOADS).to(tl.float32)
-    if SCALE_PER_WEIGHT:
-        # Groups that are not a multiple of S: one scale per weight.
-        group = (k_first + j) // GROUP
+        codes |= _fields(words2, W2, C, F) << (W0 + W1)
+    return tl.reshape(tl.gather(codebook, tl.reshape(codes, (codes.numel,)), 0), codes.shape)
+
+
+@triton.jit
+def _scales(scales_ptr, n, k0, num_groups, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
+            SCALE_IS_E8M0: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+            F: tl.constexpr):
+    """fp32 group scales of the K tile at k0 for rows n: one per row, in the shape of n, when the
+    whole tile lies in one group (SCALE_MODE 3); else broadcastable to the tile's (BLOCK_N, C, F, S)
+    shape: (BLOCK_N, C, 1, 1) when every chunk of F * S codes lies in one group (2),
+    (BLOCK_N, C, F, 1) when every sub-chunk of S codes does (1), else one per weight (0).
+    Groups past K read the row's last one; their products are discarded."""
+    k_chunk = k0 + tl.arange(0, C)[None, :, None, None] * (F * S)
+    if SCALE_MODE == 3:
+        k = k0
+    elif SCALE_MODE >= 2:
+        k = k_chunk
+    elif SCALE_MODE == 1:
+        k = k_chunk + tl.arange(0, F)[None, None, :, None] * S
     else:
-        # The S codes of a sub-chunk lie in one group: one scale per sub-chunk, broadcast over j.
-        group = k_first // GROUP
-    # Groups past K do not exist: read the row's last one, whose product is discarded below.
-    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(group, num_groups - 1), ASM_LOADS)
+        k = k_chunk + tl.arange(0, F)[None, None, :, None] * S + tl.arange(0, S)[None, None, None, :]
+    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(k // GROUP, num_groups - 1), ASM_LOADS)
     if SCALE_IS_E8M0:
-        w = values * tl.exp2(stored.to(tl.float32) - 127.0)
-    else:
-        w = values * stored.to(tl.float32)
+        return tl.exp2(stored.to(tl.float32) - 127.0)
+    return stored.to(tl.float32)
+
+
+@triton.jit
+def _k_of_tile(k0, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """k of every entry of a (BLOCK_N, C, F, S) tile, as (1, C, F, S)."""
+    return (k0 + (tl.arange(0, C)[None, :, None, None] * F + tl.arange(0, F)[None, None, :, None]) * S
+            + tl.arange(0, S)[None, None, None, :])
+
+
+@triton.jit
+def _codebook(codebook_ptr, BITS: tl.constexpr):
+    return tl.load(codebook_ptr + tl.arange(0, 1 << BITS)).to(tl.float32)
+
+
+@triton.jit
+def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
+                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, GROUP: tl.constexpr,
+                 SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, MASK_K: tl.constexpr,
+                 ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """W_hat of K tile k0 in fp32 as a (BLOCK_N, C, F, S) tile (k = k0 + (c * F + f) * S + j,
+    row-major order is k order); exactly 0 past K."""
+    w = _lookup(codebook, words0, words1, words2, W0, W1, W2, C, F) * _scales(
+        scales_ptr, n, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM_LOADS, S, C, F)
     if MASK_K:
         # Padding is exactly 0: a NaN codebook entry or an inf scale must not leak into padding
         # (a real NaN must still reach y).
-        w = tl.where(k_first + j < K, w, 0.0)
+        w = tl.where(_k_of_tile(k0, S, C, F) < K, w, 0.0)
     return w
 
 
@@ -138,52 +190,13 @@ def _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_
 
 
 @triton.jit
-def _lut_gemv_kernel(
-    x_ptr, codes_ptr, codebook_ptr, scales_ptr, y_ptr,
-    M, N, K, num_groups, k_per_split,
-    row_words0, row_words1, row_words2, plane_base1, plane_base2,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One row of x (M = 1, BLOCK_M = 1)."""
-    C: tl.constexpr = BLOCK_K // (F * S)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N - 1 (in bounds, no masks) and are not stored. int64: row offsets
-    # times row lengths exceed 2^31 for large layers.
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    k_start = pid_k * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, K)
-    # k of each entry of the (BLOCK_N, C, F, S) weight tile, relative to its k0, as a full-shape
-    # tensor: each thread loads the x values its weights need (L1 hits), in the weights' own
-    # layout (_load_in_place), so neither x nor the tile moves through shared memory.
-    k_in_tile = ((tl.arange(0, C)[None, :, None, None] * F + tl.arange(0, F)[None, None, :, None]) * S
-                 + tl.arange(0, S)[None, None, None, :] + tl.zeros((BLOCK_N, 1, 1, 1), dtype=tl.int32))
-    # Products stay elementwise in the tile's layout and are reduced across threads once, at the end.
-    acc = tl.zeros((BLOCK_N, C, F, S), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                         row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                         W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
-        # Past K, read x[K - 1]: its weights are 0 there.
-        x = _load_in_place(x_ptr + tl.minimum(k0 + k_in_tile, K - 1) * stride_xk, ASM_LOADS)
-        acc += w * x.to(tl.float32)
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]
-    _store_or_add(y_ptr, y, tl.arange(0, 1), offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
-
-
-@triton.jit
 def _lut_mma_kernel(
     x_ptr, codes_ptr, codebook_ptr, scales_ptr, y_ptr,
     M, N, K, num_groups, k_per_split,
     row_words0, row_words1, row_words2, plane_base1, plane_base2,
     stride_xm, stride_xk, stride_ym, stride_yn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
     MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, DOT_IN_FP32: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -194,27 +207,46 @@ def _lut_mma_kernel(
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_n_clamped = tl.minimum(offs_n, N - 1).to(tl.int64)
+    n = offs_n_clamped[:, None, None, None]
+    codebook = _codebook(codebook_ptr, W0 + W1 + W2)
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    words0, words1, words2 = _tile_words(codes_ptr, n, k_start, k_stop, row_words0, row_words1, row_words2,
+                                         plane_base1, plane_base2, W0, W1, W2, S, C, F)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
-        w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                         row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                         W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        next0, next1, next2 = _tile_words(codes_ptr, n, k0 + BLOCK_K, k_stop, row_words0, row_words1, row_words2,
+                                          plane_base1, plane_base2, W0, W1, W2, S, C, F)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if MASK_K:
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_k < K)[None, :], other=0.0)
         else:
             x = tl.load(x_rows + offs_k[None, :] * stride_xk)
+        if SCALE_MODE == 3:
+            # The whole K tile lies in one group: the dot takes the bare codebook values and its
+            # (BLOCK_M, BLOCK_N) result is scaled per column, instead of scaling every weight.
+            w = _lookup(codebook, words0, words1, words2, W0, W1, W2, C, F)
+            if MASK_K:
+                w = tl.where(_k_of_tile(k0, S, C, F) < K, w, 0.0)
+            scale = _scales(scales_ptr, offs_n_clamped[None, :], k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
+                            ASM_LOADS, S, C, F)
+        else:
+            # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
+            w = _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
+                             W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         # fp32 activations (and the interpreter, see lut_matmul) get a true fp32 product, not TF32.
         if DOT_IN_FP32 or x.dtype == tl.float32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            part = tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        if SCALE_MODE == 3:
+            acc += part * scale
+        else:
+            acc += part
+        words0, words1, words2 = next0, next1, next2
     _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
 
 
@@ -223,7 +255,7 @@ def _lut_dequant_kernel(
     codes_ptr, codebook_ptr, scales_ptr, w_ptr,
     N, K, num_groups, row_words0, row_words1, row_words2, plane_base1, plane_base2, stride_wn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
+    GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
     MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -231,10 +263,11 @@ def _lut_dequant_kernel(
     C: tl.constexpr = BLOCK_K // (F * S)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                     row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                     W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
+    n = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None, None]
+    words0, words1, words2 = _tile_words(codes_ptr, n, k0, K, row_words0, row_words1, row_words2,
+                                         plane_base1, plane_base2, W0, W1, W2, S, C, F)
+    w = _decode_tile(words0, words1, words2, _codebook(codebook_ptr, W0 + W1 + W2), scales_ptr, n, k0, K,
+                     num_groups, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
              tl.reshape(w, (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty),
@@ -246,11 +279,11 @@ class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
     K tile starts on a word boundary in every plane.
 
-    "gemv" and "mma" compute y directly; "panel" decodes panel_rows rows of W_hat at a time
+    "mma" computes y directly; "panel" decodes panel_rows rows of W_hat at a time
     (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
     and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
 
-    kernel: str  # "gemv", "mma" or "panel"
+    kernel: str  # "mma" or "panel"
     block_m: int
     block_n: int
     block_k: int
@@ -260,7 +293,7 @@ class LaunchConfig:
     panel_rows: int = 0
 
 
-# The GEMV kernel takes M = 1; from PANEL_MIN_M on, the panel path (kernels/BENCHMARKS.md).
+# From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
 # Bytes of one decoded panel: well inside an H100's 50 MB L2, so cuBLAS reads it from there.
 PANEL_BYTES = 16 << 20
@@ -275,6 +308,18 @@ def tile_k(bits: int) -> int:
     return plane_chunk(PLANE_WIDTHS[bits][0])
 
 
+def scale_mode(group: int, k: int, first_width: int, block_k: int) -> int:
+    """How finely the kernels read scales (K tiles start at multiples of block_k, itself a multiple
+    of the first plane's chunk): 3, one per K tile (every tile lies in one group); 2, one per
+    chunk; 1, one per sub-chunk of SUBCHUNK codes; 0, one per weight (a sub-chunk can span two
+    groups)."""
+    if group >= k or group % block_k == 0:
+        return 3
+    if group % plane_chunk(first_width) == 0:
+        return 2
+    return 1 if group % SUBCHUNK == 0 else 0
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -286,24 +331,18 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
         # The interpreter pays per program and per op, not per element: few, big tiles. A
         # 4864 x 896 6-bit layer at m = 4 cost 4.6 CPU s in tiles of 256 rows, 0.6 s in one tile.
         block_n = min(max(16, triton.next_power_of_2(n)), INTERPRETED_MAX_BLOCK_N)
-        if m == 1:
-            return LaunchConfig("gemv", 1, block_n, 256)
         return LaunchConfig("mma", min(max(16, triton.next_power_of_2(m)), 64), block_n, 256)
     sms = _multiprocessors(torch.cuda.current_device())
-    if m == 1:
-        block_n = 16
-        tiles = triton.cdiv(n, block_n)
-        # Split K only when there are fewer row tiles than SMs: a split costs two more launches
-        # (zeroing and casting the fp32 sums).
-        split_k = max(1, min(4, sms // tiles, k // 2048))
-        return LaunchConfig("gemv", 1, block_n, 512, split_k, num_warps=4, num_stages=3)
     if m >= PANEL_MIN_M:
         # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
         return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = max(1, min(4, (2 * sms) // tiles, k // 1024))
+    # About four programs per SM: the decode is bound by instruction issue, so SMs need several
+    # programs' warps to hide the latency of the shared-memory lookups. Split K only as far as
+    # that needs: a split costs two more launches (zeroing and casting the fp32 sums).
+    split_k = max(1, min(8, (4 * sms) // tiles, k // 1024))
     return LaunchConfig("mma", block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
@@ -373,7 +412,7 @@ def lut_matmul(
     layout = (*row_words, plane_base1, plane_base2)
     constants = dict(
         W0=widths[0], W1=widths[1], W2=widths[2], GROUP=group,
-        SCALE_PER_WEIGHT=not (group % SUBCHUNK == 0 or group >= k), SCALE_IS_E8M0=scales.dtype == torch.uint8,
+        SCALE_MODE=scale_mode(group, k, widths[0], config.block_k), SCALE_IS_E8M0=scales.dtype == torch.uint8,
         MASK_K=k % config.block_k != 0, ASM_LOADS=not interpreted, S=SUBCHUNK, F=32 // widths[0],
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -409,17 +448,13 @@ def lut_matmul(
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
-    if config.kernel == "gemv":
-        if m != 1 or config.block_m != 1:
-            raise ValueError(f"the gemv kernel takes one row of x (M = 1, block_m = 1), got M = {m}, block_m = {config.block_m}")
-        _lut_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](*args, **constants)
-    elif config.kernel == "mma":
+    if config.kernel == "mma":
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
         _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, **constants)
     else:
-        raise ValueError(f"config.kernel must be 'gemv', 'mma' or 'panel', got {config.kernel!r}")
+        raise ValueError(f"config.kernel must be 'mma' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out
