@@ -22,7 +22,7 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul, tile_k
+from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul
 from sopq.formats import num_groups
 from sopq.packing import dequantize, packed_words, unpack_codes
 
@@ -34,9 +34,9 @@ TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shap
 
 # Swept mma configurations: (block_m, block_n, block_k, num_warps, split_k); block_m 0 is
 # launch_config's (the smallest power of two >= M, 16..128).
-MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64, 128, 4, 8), (0, 32, 128, 4, 4),
-             (0, 128, 128, 4, 2), (0, 64, 256, 4, 2), (0, 64, 128, 8, 4), (0, 128, 128, 8, 2), (64, 64, 128, 4, 2)]
-PANEL_SWEEP = [8 << 20, 32 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
+MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64, 128, 4, 8), (0, 32, 128, 2, 4),
+             (0, 32, 128, 2, 8), (0, 64, 128, 8, 1), (0, 128, 128, 8, 1), (0, 64, 256, 4, 2), (64, 64, 128, 4, 2)]
+PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
 
 
 def bench_us(fn, graph: bool = False) -> float:
@@ -57,8 +57,8 @@ def rotating(make, nbytes: int) -> list:
 
 def sweep_configs(m: int, n: int, k: int) -> list[LaunchConfig]:
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
-    configs = [LaunchConfig("mma", bm or block_m, bn, bk, split, warps) for bm, bn, bk, warps, split in MMA_SWEEP
-               if (bm or block_m) <= block_m and m < PANEL_MIN_M]
+    configs = [LaunchConfig("mma", bm or block_m, bn, bk, split, warps)
+               for bm, bn, bk, warps, split in MMA_SWEEP if (bm or block_m) <= block_m and m < PANEL_MIN_M]
     # At small M the panel path's time is mostly its decode: a measure of decode throughput.
     configs += [LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, nbytes // (2 * k) // 64 * 64))
                 for nbytes in PANEL_SWEEP]
@@ -143,18 +143,19 @@ def main() -> None:
             best = min(results, key=results.get)
             row = dict(n=n, k=k, m=m, fp16_us=t_fp16, fp8_us=t_fp8, lut_us=results[auto], err=err,
                        best_us=results[best], best=short(best), auto=short(auto),
+                       configs={short(c): us for c, us in results.items()},
                        lut_tb_s=lut_bytes / (results[auto] * 1e-6) / 1e12)
             rows.append(row)
             print(f"{'ok' if check else 'unchecked'} N={n:6d} K={k:6d} M={m:5d}  fp16 {t_fp16:8.1f}us  fp8 {t_fp8:8.1f}us  lut {results[auto]:8.1f}us "
                   f"x{t_fp16 / results[auto]:5.2f}  ({row['lut_tb_s']:.2f} TB/s weights)"
                   + (f"  best x{t_fp16 / results[best]:5.2f} {short(best)}" if args.sweep else ""), flush=True)
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                                   copy_bw=copy_bw, rows=rows), f, indent=1)
         del luts, fp16, fp8
         w_hat = None
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
-                           copy_bw=copy_bw, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way: each int32 word of each bit
 plane (sopq/packing.py) is loaded once (the next K tile's words while this one is decoded),
-split into its fields by constant shifts, the fields are joined into codes and looked up in the
+split into codes four at a time, one a byte (_codes), and the codes are looked up in the
 codebook, which tl.gather reads from shared memory. Group scales multiply either each weight or,
 where a whole K tile lies in one group, the tile's product. W_hat is never held whole in memory.
 
 - _lut_mma_kernel (M < PANEL_MIN_M, M = 1 included): (BLOCK_M, BLOCK_N) output tiles on the
   tensor cores (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows
-  of x. At M = 1 the 15 padding rows of the smallest tile cost little next to the decode.
+  of x. At M = 1 the smallest tile's 15 padding rows read no x and cost little next to the decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -48,31 +48,18 @@ def scale_format(scales: torch.Tensor) -> str:
 def _plane_words(codes_ptr, plane_base, row_words, n, k0, limit,
                  WIDTH: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
     """The words of one bit plane that hold the codes of K tile k0 (C chunks of F * S codes) of
-    rows n, as a (BLOCK_N, C, 1, S) tile; chunks from `limit` on read 0.
+    rows n, as a (BLOCK_N, C, 1, 1, S) tile; chunks from `limit` on read 0.
 
     k0 is a multiple of F * S and F divides this plane's 32 / WIDTH fields per word, so the F
-    sub-chunks of one chunk share their S words (sopq/packing.py): each word is loaded once. The
-    part of the fields' bit offset that depends on k0 is shifted out here, once per word, so
-    that _fields shifts by compile-time constants."""
+    sub-chunks of one chunk share their S words (sopq/packing.py): each word is loaded once, and
+    shifted once so that the chunk's F fields start at bit 0 (field f at bits f * WIDTH)."""
     PER_WORD: tl.constexpr = 32 // WIDTH
-    c = tl.arange(0, C)[None, :, None, None]
-    sub = k0 // S + c * F
-    words = tl.load(codes_ptr + plane_base + n * row_words + (sub // PER_WORD) * S + tl.arange(0, S)[None, None, None, :],
-                    mask=sub * S < limit, other=0)
+    sub = k0 // S + tl.arange(0, C)[None, :, None, None, None] * F
+    words = tl.load(codes_ptr + plane_base + n * row_words + (sub // PER_WORD) * S
+                    + tl.arange(0, S)[None, None, None, None, :], mask=sub * S < limit, other=0)
     if PER_WORD > F:
-        words = words >> (((k0 // S) % PER_WORD) * WIDTH)
+        words = words >> ((sub % PER_WORD) * WIDTH)
     return words
-
-
-@triton.jit
-def _fields(words, WIDTH: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
-    """(BLOCK_N, C, F, S) fields of a (BLOCK_N, C, 1, S) tile of _plane_words: entry [n, c, f, j]
-    belongs to code (c * F + f) * S + j of the K tile. c and f index registers, so every shift
-    is a constant."""
-    PER_WORD: tl.constexpr = 32 // WIDTH
-    c = tl.arange(0, C)[None, :, None, None]
-    f = tl.arange(0, F)[None, None, :, None]
-    return (words >> (((c * F) % PER_WORD + f) * WIDTH)) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
@@ -91,13 +78,55 @@ def _tile_words(codes_ptr, n, k0, limit, row_words0, row_words1, row_words2, pla
 
 
 @triton.jit
-def _load_in_place(ptrs, ASM_LOADS: tl.constexpr):
+def _byte_pairs(words, ASM: tl.constexpr):
+    """Bytes (b0, b0, b1, b1) of words whose low bytes are (b0, b1): one prmt on the GPU."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        low = words & 0xFF
+        high = words & 0xFF00
+        return low | (low << 8) | (high << 8) | (high << 16)
+
+
+@triton.jit
+def _codes(words0, words1, words2, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+           SP: tl.constexpr, ASM: tl.constexpr):
+    """The codes of a K tile as a (BLOCK_N, C, SP, 4, S) tile: entry [n, c, s, b, j] is the code
+    of field f = b * SP + s of chunk c, i.e. k = k0 + (c * F + f) * S + j (_k_of_tile).
+
+    Four codes at a time, one a byte of a 32-bit word: with 4-bit first-plane fields, f and
+    f + 2, f + 4, f + 6 lie in the four bytes of the word (one mask for four codes, after a
+    shift by 4 for odd f); a 2-bit plane's fields are spread to bits 4-5 of the same bytes by
+    one byte permute and two masked shifts per four codes. Each code then costs one byte
+    extraction; a 1-bit plane (5 and 7 bits) is added field by field."""
+    s = tl.arange(0, SP)[None, None, :, None, None]
+    b = tl.arange(0, 4)[None, None, None, :, None]
+    if W0 == 8:
+        quads = words0
+    else:
+        quads = (words0 >> (4 * s)) & 0x0F0F0F0F
+    if W1 == 2:
+        # pairs holds fields 0-3 in bytes 0 and 1, fields 4-7 in bytes 2 and 3 (2 bits each):
+        # field 2b + s sits at bit 2s of byte b (b even) or 4 + 2s (b odd).
+        pairs = _byte_pairs(words1, ASM)
+        quads |= ((pairs << (4 - 2 * s)) & 0x00300030) | ((pairs >> (2 * s)) & 0x30003000)
+    codes = (quads >> (8 * b)) & 0xFF
+    if W1 == 1:
+        codes |= ((words1 >> (b * SP + s)) & 1) << W0
+    if W2 == 1:
+        codes |= ((words2 >> (b * SP + s)) & 1) << (W0 + W1)
+    return codes
+
+
+@triton.jit
+def _load_in_place(ptrs, ASM: tl.constexpr):
     """tl.load(ptrs) in the register layout of the pointers themselves.
 
     For the group scales, tl.load would make Triton choose a layout of its own for the load and
     move it through shared memory to get back to the weights' layout; an inline-asm load keeps
-    the layout. The interpreter cannot run PTX and takes tl.load (ASM_LOADS false)."""
-    if ASM_LOADS:
+    the layout. The interpreter cannot run PTX and takes tl.load (ASM false)."""
+    if ASM:
         address = ptrs.to(tl.int64)
         ty: tl.constexpr = ptrs.dtype.element_ty
         if ty.primitive_bitwidth == 8:
@@ -112,70 +141,77 @@ def _load_in_place(ptrs, ASM_LOADS: tl.constexpr):
 
 
 @triton.jit
-def _lookup(codebook, words0, words1, words2, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-            C: tl.constexpr, F: tl.constexpr):
-    """codebook[code] for every code of a K tile, (BLOCK_N, C, F, S) fp32.
+def _lookup(codebook, codes):
+    """codebook[codes] in the codebook's dtype.
 
     The codebook sits in registers (loaded once per program); tl.gather copies it to shared
-    memory and reads one entry per code from there: one shared load at a 32-bit address, where
-    a load from global memory (L1) needed a 64-bit one, and Triton keeps the codes' layout."""
-    codes = _fields(words0, W0, C, F)
-    if W1 > 0:
-        codes |= _fields(words1, W1, C, F) << W0
-    if W2 > 0:
-        codes |= _fields(words2, W2, C, F) << (W0 + W1)
+    memory and reads one entry per code from there: one shared load at a 32-bit address, where a
+    load from global memory (L1) needed a 64-bit one, and Triton keeps the codes' layout. An fp16
+    codebook (64 entries, 128 bytes at 6 bits) spans the 32 banks once, so a warp's 32 lookups
+    never conflict; an fp32 one (256 bytes) puts two entries in each bank."""
     return tl.reshape(tl.gather(codebook, tl.reshape(codes, (codes.numel,)), 0), codes.shape)
 
 
 @triton.jit
+def _sub_chunk_k(k0, S: tl.constexpr, C: tl.constexpr, SP: tl.constexpr, F: tl.constexpr):
+    """First k of every sub-chunk of S codes of a (BLOCK_N, C, SP, 4, S) tile (_codes), as
+    (1, C, SP, 4, 1)."""
+    f = tl.arange(0, 4)[None, None, None, :, None] * SP + tl.arange(0, SP)[None, None, :, None, None]
+    return k0 + (tl.arange(0, C)[None, :, None, None, None] * F + f) * S
+
+
+@triton.jit
+def _k_of_tile(k0, S: tl.constexpr, C: tl.constexpr, SP: tl.constexpr, F: tl.constexpr):
+    """k of every entry of a (BLOCK_N, C, SP, 4, S) tile (_codes), as (1, C, SP, 4, S)."""
+    return _sub_chunk_k(k0, S, C, SP, F) + tl.arange(0, S)[None, None, None, None, :]
+
+
+@triton.jit
+def _natural(tile, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A (BLOCK_N, C, SP, 4, S) tile as (BLOCK_N, BLOCK_K) in k order (f = b * SP + s)."""
+    return tl.reshape(tl.permute(tile, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _scales(scales_ptr, n, k0, num_groups, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
-            SCALE_IS_E8M0: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
-            F: tl.constexpr):
+            SCALE_IS_E8M0: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+            SP: tl.constexpr, F: tl.constexpr):
     """fp32 group scales of the K tile at k0 for rows n: one per row, in the shape of n, when the
-    whole tile lies in one group (SCALE_MODE 3); else broadcastable to the tile's (BLOCK_N, C, F, S)
-    shape: (BLOCK_N, C, 1, 1) when every chunk of F * S codes lies in one group (2),
-    (BLOCK_N, C, F, 1) when every sub-chunk of S codes does (1), else one per weight (0).
-    Groups past K read the row's last one; their products are discarded."""
-    k_chunk = k0 + tl.arange(0, C)[None, :, None, None] * (F * S)
+    whole tile lies in one group (SCALE_MODE 3); else broadcastable to the tile's
+    (BLOCK_N, C, SP, 4, S) shape: one per chunk of F * S codes (2), per sub-chunk of S codes (1)
+    or per weight (0). Groups past K read the row's last one; their products are discarded."""
     if SCALE_MODE == 3:
         k = k0
-    elif SCALE_MODE >= 2:
-        k = k_chunk
+    elif SCALE_MODE == 2:
+        k = k0 + tl.arange(0, C)[None, :, None, None, None] * (F * S)
     elif SCALE_MODE == 1:
-        k = k_chunk + tl.arange(0, F)[None, None, :, None] * S
+        k = _sub_chunk_k(k0, S, C, SP, F)
     else:
-        k = k_chunk + tl.arange(0, F)[None, None, :, None] * S + tl.arange(0, S)[None, None, None, :]
-    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(k // GROUP, num_groups - 1), ASM_LOADS)
+        k = _k_of_tile(k0, S, C, SP, F)
+    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(k // GROUP, num_groups - 1), ASM)
     if SCALE_IS_E8M0:
         return tl.exp2(stored.to(tl.float32) - 127.0)
     return stored.to(tl.float32)
 
 
 @triton.jit
-def _k_of_tile(k0, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
-    """k of every entry of a (BLOCK_N, C, F, S) tile, as (1, C, F, S)."""
-    return (k0 + (tl.arange(0, C)[None, :, None, None] * F + tl.arange(0, F)[None, None, :, None]) * S
-            + tl.arange(0, S)[None, None, None, :])
-
-
-@triton.jit
 def _codebook(codebook_ptr, BITS: tl.constexpr):
-    return tl.load(codebook_ptr + tl.arange(0, 1 << BITS)).to(tl.float32)
+    return tl.load(codebook_ptr + tl.arange(0, 1 << BITS))
 
 
 @triton.jit
 def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, GROUP: tl.constexpr,
                  SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, MASK_K: tl.constexpr,
-                 ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
-    """W_hat of K tile k0 in fp32 as a (BLOCK_N, C, F, S) tile (k = k0 + (c * F + f) * S + j,
-    row-major order is k order); exactly 0 past K."""
-    w = _lookup(codebook, words0, words1, words2, W0, W1, W2, C, F) * _scales(
-        scales_ptr, n, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM_LOADS, S, C, F)
+                 ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """W_hat of K tile k0 in fp32 as a (BLOCK_N, C, SP, 4, S) tile (_codes); exactly 0 past K."""
+    SP: tl.constexpr = F // 4
+    w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM)).to(tl.float32)
+    w *= _scales(scales_ptr, n, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM, S, C, SP, F)
     if MASK_K:
         # Padding is exactly 0: a NaN codebook entry or an inf scale must not leak into padding
         # (a real NaN must still reach y).
-        w = tl.where(_k_of_tile(k0, S, C, F) < K, w, 0.0)
+        w = tl.where(_k_of_tile(k0, S, C, SP, F) < K, w, 0.0)
     return w
 
 
@@ -197,52 +233,61 @@ def _lut_mma_kernel(
     stride_xm, stride_xk, stride_ym, stride_yn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, DOT_IN_FP32: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MASK_K: tl.constexpr, ASM: tl.constexpr, DOT_IN_FP32: tl.constexpr, SCALE_DOT: tl.constexpr,
+    S: tl.constexpr, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """SCALE_DOT (only with SCALE_MODE 3): the dot takes the bare codebook values and its
+    (BLOCK_M, BLOCK_N) result is scaled per column, instead of scaling every weight; cheaper while
+    BLOCK_M is small against BLOCK_K (lut_matmul decides)."""
     C: tl.constexpr = BLOCK_K // (F * S)
+    SP: tl.constexpr = F // 4
     # Programs that share a weight tile (same pid_n) are adjacent, so its bytes come from L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n_clamped = tl.minimum(offs_n, N - 1).to(tl.int64)
-    n = offs_n_clamped[:, None, None, None]
+    # Rows past N read row N - 1 (in bounds, no masks) and are not stored. int64: row offsets
+    # times row lengths exceed 2^31 for large layers.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    n = rows[:, None, None, None, None]
     codebook = _codebook(codebook_ptr, W0 + W1 + W2)
-    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The words of the next K tile are loaded while this one is decoded (they are few: 6 bits a
+    # weight), so the decode does not wait for memory.
     words0, words1, words2 = _tile_words(codes_ptr, n, k_start, k_stop, row_words0, row_words1, row_words2,
                                          plane_base1, plane_base2, W0, W1, W2, S, C, F)
     for k0 in range(k_start, k_stop, BLOCK_K):
         next0, next1, next2 = _tile_words(codes_ptr, n, k0 + BLOCK_K, k_stop, row_words0, row_words1, row_words2,
                                           plane_base1, plane_base2, W0, W1, W2, S, C, F)
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        # Rows of the tile past M read nothing (zeros): at M = 1 that is 15 of 16 rows.
         if MASK_K:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_k < K)[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
         else:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk)
-        if SCALE_MODE == 3:
-            # The whole K tile lies in one group: the dot takes the bare codebook values and its
-            # (BLOCK_M, BLOCK_N) result is scaled per column, instead of scaling every weight.
-            w = _lookup(codebook, words0, words1, words2, W0, W1, W2, C, F)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None], other=0.0)
+        if SCALE_DOT:
+            # The whole K tile lies in one group: scale the dot's result, not the weights.
+            w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM))
             if MASK_K:
-                w = tl.where(_k_of_tile(k0, S, C, F) < K, w, 0.0)
-            scale = _scales(scales_ptr, offs_n_clamped[None, :], k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
-                            ASM_LOADS, S, C, F)
+                w = tl.where(_k_of_tile(k0, S, C, SP, F) < K, w, 0.0)
+            scale = _scales(scales_ptr, rows[None, :], k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
+                            ASM, S, C, SP, F)
         else:
             # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
             w = _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
-                             W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+                             W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
+        w = _natural(w, BLOCK_N, BLOCK_K)
         # fp32 activations (and the interpreter, see lut_matmul) get a true fp32 product, not TF32.
         if DOT_IN_FP32 or x.dtype == tl.float32:
-            part = tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             part = tl.dot(x, tl.trans(w.to(x.dtype)))
-        if SCALE_MODE == 3:
+        if SCALE_DOT:
             acc += part * scale
         else:
             acc += part
@@ -256,21 +301,21 @@ def _lut_dequant_kernel(
     N, K, num_groups, row_words0, row_words1, row_words2, plane_base1, plane_base2, stride_wn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
+    MASK_K: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """W_hat[rows, :] into w (N rows of a panel, row stride stride_wn) in w's dtype."""
     C: tl.constexpr = BLOCK_K // (F * S)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    n = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None, None]
+    n = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None, None, None]
     words0, words1, words2 = _tile_words(codes_ptr, n, k0, K, row_words0, row_words1, row_words2,
                                          plane_base1, plane_base2, W0, W1, W2, S, C, F)
     w = _decode_tile(words0, words1, words2, _codebook(codebook_ptr, W0 + W1 + W2), scales_ptr, n, k0, K,
-                     num_groups, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
+                     num_groups, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-             tl.reshape(w, (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty),
+             _natural(w, BLOCK_N, BLOCK_K).to(w_ptr.dtype.element_ty),
              mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
 
@@ -295,8 +340,9 @@ class LaunchConfig:
 
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
-# Bytes of one decoded panel: well inside an H100's 50 MB L2, so cuBLAS reads it from there.
-PANEL_BYTES = 16 << 20
+# Bytes of one decoded panel: inside the 50 MB L2 of an H100/H200, so cuBLAS reads it from
+# there; 32 MB (fewer, larger cuBLAS calls) measured 10% faster at M = 2048 than 16 MB.
+PANEL_BYTES = 32 << 20
 # Rows per program in the interpreter: a layer of up to this many rows is one program; larger
 # ones (qwen2's 4864-row MLP layers) still take several, with a partial last tile.
 INTERPRETED_MAX_BLOCK_N = 4096
@@ -339,10 +385,12 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # About four programs per SM: the decode is bound by instruction issue, so SMs need several
-    # programs' warps to hide the latency of the shared-memory lookups. Split K only as far as
-    # that needs: a split costs two more launches (zeroing and casting the fp32 sums).
-    split_k = max(1, min(8, (4 * sms) // tiles, k // 1024))
+    # Split K into enough programs that every SM has several waves of them to hide memory and
+    # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
+    # (28672, 8192) and (4096, 4096)); the 128-row tiles are bound by their register use instead
+    # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
+    programs_per_sm = 16 if block_m <= 64 else 2
+    split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
     return LaunchConfig("mma", block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
@@ -401,8 +449,9 @@ def lut_matmul(
     config = config or launch_config(m, n, k, bits, interpreted)
     if config.block_k % tile_k(bits):
         raise ValueError(f"block_k must be a multiple of {tile_k(bits)} for {bits}-bit codes, got {config.block_k}")
-    # The lookup table is read in its stored precision if that is fp16 (packed layers), else as
-    # fp32; the interpreter gets fp32 (see below).
+    # The lookup table is read in its stored precision if that is fp16 (packed layers: exact, and
+    # free of shared-memory bank conflicts, see _lookup), else as fp32; the interpreter gets fp32
+    # (see below).
     if interpreted or codebook.dtype != torch.float16:
         codebook = codebook.to(torch.float32)
     widths = PLANE_WIDTHS[bits] + (0,) * (3 - len(PLANE_WIDTHS[bits]))
@@ -413,7 +462,7 @@ def lut_matmul(
     constants = dict(
         W0=widths[0], W1=widths[1], W2=widths[2], GROUP=group,
         SCALE_MODE=scale_mode(group, k, widths[0], config.block_k), SCALE_IS_E8M0=scales.dtype == torch.uint8,
-        MASK_K=k % config.block_k != 0, ASM_LOADS=not interpreted, S=SUBCHUNK, F=32 // widths[0],
+        MASK_K=k % config.block_k != 0, ASM=not interpreted, S=SUBCHUNK, F=32 // widths[0],
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     codebook, scales = codebook.contiguous(), scales.contiguous()
@@ -452,7 +501,10 @@ def lut_matmul(
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
-        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, **constants)
+        # Scaling the dot's (BLOCK_M, BLOCK_N) result costs BLOCK_M / BLOCK_K of scaling the
+        # weights, plus a second accumulator: worth it for small tiles only.
+        scale_dot = constants["SCALE_MODE"] == 3 and config.block_m <= 32
+        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot, **constants)
     else:
         raise ValueError(f"config.kernel must be 'mma' or 'panel', got {config.kernel!r}")
     if y is not out:

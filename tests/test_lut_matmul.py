@@ -91,15 +91,19 @@ def test_explicit_configs_match_reference(bits, config, shape):
 SCALE_MODE_CASES = [((256, 1), 3), ((256, 2), 3), ((600, 2), 3), ((128, 2), 2), ((32, 1), 1), ((24, 1), 0)]
 
 
-@pytest.mark.parametrize("kernel", ["mma", "panel"])
+# The mma kernel scales the dot's result (mode 3, block_m <= 32) or the weights (block_m 64).
+KERNELS = [("mma", 16), ("mma", 64), ("panel", 0)]
+
+
+@pytest.mark.parametrize("kernel, block_m", KERNELS)
 @pytest.mark.parametrize("group_block, mode", SCALE_MODE_CASES)
-def test_every_scale_mode(kernel, group_block, mode):
+def test_every_scale_mode(kernel, block_m, group_block, mode):
     group, block = group_block
     n, k, m, bits = 40, 600, 3, 6
     assert scale_mode(group, k, PLANE_WIDTHS[bits][0], block * tile_k(bits)) == mode
     _, words, codebook, scales = make_layer(n, k, bits, group, "bf16", seed=group + block)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(group)).half()
-    config = LaunchConfig(kernel, 16 if kernel == "mma" else 0, 16, block * tile_k(bits), split_k=2 if kernel == "mma" else 1,
+    config = LaunchConfig(kernel, block_m, 16, block * tile_k(bits), split_k=2 if kernel == "mma" else 1,
                           num_stages=1, panel_rows=24)
     args = dict(bits=bits, group=group, n=n, k=k)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
