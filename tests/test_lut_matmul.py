@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
 # (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x up to 4096 rows x
-# 256, GPU blocks 16..128 x 16..64 x 128..512), with N > 4096 and K > 256 to cross block and
+# 256, GPU blocks 16..128 x 64 x 128), with N > 4096 and K > 256 to cross block and
 # plane-chunk boundaries; (4, 50, 512) and (24, 20, 768) have K a multiple of 256 (no masks on
 # K). Every M here takes the mma kernel (M = 1 in a tile of 16 rows).
 SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512),
