@@ -22,7 +22,7 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from kernels.lut_matmul import LaunchConfig, launch_config, lut_matmul, tile_k
+from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul
 from sopq.formats import num_groups
 from sopq.packing import dequantize, packed_words, unpack_codes
 
@@ -32,11 +32,11 @@ BITS, GROUP = 6, 128
 ROTATE_BYTES = 256 << 20
 TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shapes (issue 5)
 
-# Swept configurations: (block_n, block_k, num_warps, num_stages, split_k).
-GEMV_SWEEP = [(16, 256, 4, 4, 1), (8, 256, 2, 4, 1), (32, 256, 4, 3, 1), (16, 512, 4, 3, 1), (16, 256, 4, 4, 2),
-              (8, 512, 4, 3, 1)]
-MMA_SWEEP = [(64, 128, 4, 3, 1), (64, 256, 4, 3, 1), (32, 256, 4, 3, 1), (64, 128, 4, 4, 1), (64, 128, 4, 3, 2)]
-PANEL_SWEEP = [8 << 20, 32 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
+# Swept mma configurations: (block_m, block_n, block_k, num_warps, split_k); block_m 0 is
+# launch_config's (the smallest power of two >= M, 16..128).
+MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64, 128, 4, 8), (0, 32, 128, 2, 4),
+             (0, 32, 128, 2, 8), (0, 64, 128, 8, 1), (0, 128, 128, 8, 1), (0, 64, 256, 4, 2), (64, 64, 128, 4, 2)]
+PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
 
 
 def bench_us(fn, graph: bool = False) -> float:
@@ -56,14 +56,9 @@ def rotating(make, nbytes: int) -> list:
 
 
 def sweep_configs(m: int, n: int, k: int) -> list[LaunchConfig]:
-    configs = []
-    if m == 1:
-        configs += [LaunchConfig("gemv", 1, bn, bk, split, warps, stages)
-                    for bn, bk, warps, stages, split in GEMV_SWEEP]
-    if m > 1:
-        block_m = min(max(16, triton.next_power_of_2(m)), 128)
-        configs += [LaunchConfig("mma", block_m, bn, bk, split, warps, stages)
-                    for bn, bk, warps, stages, split in MMA_SWEEP]
+    block_m = min(max(16, triton.next_power_of_2(m)), 128)
+    configs = [LaunchConfig("mma", bm or block_m, bn, bk, split, warps)
+               for bm, bn, bk, warps, split in MMA_SWEEP if (bm or block_m) <= block_m and m < PANEL_MIN_M]
     # At small M the panel path's time is mostly its decode: a measure of decode throughput.
     configs += [LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, nbytes // (2 * k) // 64 * 64))
                 for nbytes in PANEL_SWEEP]
@@ -88,6 +83,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", type=int, default=len(SHAPES))
+    parser.add_argument("--shape-index", default=None, help="comma-separated indices into SHAPES (default: the first --shapes)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--check-shapes", type=int, default=len(SHAPES), help="check correctness on the first few shapes")
     args = parser.parse_args()
@@ -98,7 +94,9 @@ def main() -> None:
     print(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{time.strftime('%Y-%m-%d', time.gmtime())}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows = []
-    for shape_index, (n, k) in enumerate(SHAPES[: args.shapes]):
+    indices = list(map(int, args.shape_index.split(","))) if args.shape_index else range(args.shapes)
+    for shape_index in indices:
+        n, k = SHAPES[shape_index]
         check = shape_index < args.check_shapes
         nw = packed_words(n, k, BITS)
         codebook = torch.randn(2**BITS, device="cuda", generator=gen).half()  # stored codebooks are fp16
@@ -145,18 +143,19 @@ def main() -> None:
             best = min(results, key=results.get)
             row = dict(n=n, k=k, m=m, fp16_us=t_fp16, fp8_us=t_fp8, lut_us=results[auto], err=err,
                        best_us=results[best], best=short(best), auto=short(auto),
+                       configs={short(c): us for c, us in results.items()},
                        lut_tb_s=lut_bytes / (results[auto] * 1e-6) / 1e12)
             rows.append(row)
             print(f"{'ok' if check else 'unchecked'} N={n:6d} K={k:6d} M={m:5d}  fp16 {t_fp16:8.1f}us  fp8 {t_fp8:8.1f}us  lut {results[auto]:8.1f}us "
                   f"x{t_fp16 / results[auto]:5.2f}  ({row['lut_tb_s']:.2f} TB/s weights)"
                   + (f"  best x{t_fp16 / results[best]:5.2f} {short(best)}" if args.sweep else ""), flush=True)
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                                   copy_bw=copy_bw, rows=rows), f, indent=1)
         del luts, fp16, fp8
         w_hat = None
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
-                           copy_bw=copy_bw, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """y = x @ W_hat^T straight from the packed codes: Triton lookup-table matmuls.
 
-Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way (_decode_tile): each int32
-word of each bit plane (sopq/packing.py) is loaded once, split into its fields by shifts, the
-fields are joined into codes, looked up in the codebook and multiplied by their group scale.
-W_hat is never held whole in memory.
+Every kernel decodes a (BLOCK_N, BLOCK_K) weight tile the same way: each int32 word of each bit
+plane (sopq/packing.py) is loaded once (the next K tile's words while this one is decoded),
+split into codes four at a time, one a byte (_codes), and the codes are looked up in the
+codebook, which tl.gather reads from shared memory. Group scales multiply either each weight or,
+where a whole K tile lies in one group, the tile's product. W_hat is never held whole in memory.
 
-- _lut_gemv_kernel (M = 1): each program owns BLOCK_N output columns and one K split, and
-  reduces x * w on the CUDA cores.
-- _lut_mma_kernel (1 < M < PANEL_MIN_M): (BLOCK_M, BLOCK_N) output tiles on the tensor cores
-  (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows of x.
+- _lut_mma_kernel (M < PANEL_MIN_M, M = 1 included): (BLOCK_M, BLOCK_N) output tiles on the
+  tensor cores (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows
+  of x. At M = 1 the smallest tile's 15 padding rows read no x and cost little next to the decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -45,85 +45,173 @@ def scale_format(scales: torch.Tensor) -> str:
 
 
 @triton.jit
-def _plane_fields(codes_ptr, plane_base, row_words, rows, sub, f, j, K,
-                  WIDTH: tl.constexpr, S: tl.constexpr, MASK_K: tl.constexpr):
-    """Fields of one bit plane as a (BLOCK_N, C, F, S) tile: entry [n, c, f, j] is the field of
-    code S * (sub[c] + f) + j of row rows[n] (sopq/packing.py).
+def _plane_words(codes_ptr, plane_base, row_words, n, k0, limit,
+                 WIDTH: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """The words of one bit plane that hold the codes of K tile k0 (C chunks of F * S codes) of
+    rows n, as a (BLOCK_N, C, 1, 1, S) tile; chunks from `limit` on read 0.
 
-    sub[c] = k0 / S + c * F is a multiple of F, and F divides this plane's 32 / WIDTH fields per
-    word, so the F sub-chunks of one c share their S words: each word is loaded once, as a
-    (BLOCK_N, C, 1, S) tile, and split into its fields by shifts broadcast over f."""
+    k0 is a multiple of F * S and F divides this plane's 32 / WIDTH fields per word, so the F
+    sub-chunks of one chunk share their S words (sopq/packing.py): each word is loaded once, and
+    shifted once so that the chunk's F fields start at bit 0 (field f at bits f * WIDTH)."""
     PER_WORD: tl.constexpr = 32 // WIDTH
-    ptrs = codes_ptr + plane_base + rows * row_words + (sub // PER_WORD) * S + j
-    if MASK_K:
-        words = tl.load(ptrs, mask=sub * S < K, other=0)
-    else:
-        words = tl.load(ptrs)
-    return (words >> (((sub % PER_WORD) + f) * WIDTH)) & ((1 << WIDTH) - 1)
+    sub = k0 // S + tl.arange(0, C)[None, :, None, None, None] * F
+    words = tl.load(codes_ptr + plane_base + n * row_words + (sub // PER_WORD) * S
+                    + tl.arange(0, S)[None, None, None, None, :], mask=sub * S < limit, other=0)
+    if PER_WORD > F:
+        words = words >> ((sub % PER_WORD) * WIDTH)
+    return words
 
 
 @triton.jit
-def _load_in_place(ptrs, ASM_LOADS: tl.constexpr):
+def _tile_words(codes_ptr, n, k0, limit, row_words0, row_words1, row_words2, plane_base1, plane_base2,
+                W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+                F: tl.constexpr):
+    """Every plane's _plane_words for K tile k0; an absent plane repeats the first one (unused)."""
+    words0 = _plane_words(codes_ptr, 0, row_words0, n, k0, limit, W0, S, C, F)
+    words1 = words0
+    words2 = words0
+    if W1 > 0:
+        words1 = _plane_words(codes_ptr, plane_base1, row_words1, n, k0, limit, W1, S, C, F)
+    if W2 > 0:
+        words2 = _plane_words(codes_ptr, plane_base2, row_words2, n, k0, limit, W2, S, C, F)
+    return words0, words1, words2
+
+
+@triton.jit
+def _byte_pairs(words, ASM: tl.constexpr):
+    """Bytes (b0, b0, b1, b1) of words whose low bytes are (b0, b1): one prmt on the GPU."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        low = words & 0xFF
+        high = words & 0xFF00
+        return low | (low << 8) | (high << 8) | (high << 16)
+
+
+@triton.jit
+def _codes(words0, words1, words2, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+           SP: tl.constexpr, ASM: tl.constexpr):
+    """The codes of a K tile as a (BLOCK_N, C, SP, 4, S) tile: entry [n, c, s, b, j] is the code
+    of field f = b * SP + s of chunk c, i.e. k = k0 + (c * F + f) * S + j (_k_of_tile).
+
+    Four codes at a time, one a byte of a 32-bit word: with 4-bit first-plane fields, f and
+    f + 2, f + 4, f + 6 lie in the four bytes of the word (one mask for four codes, after a
+    shift by 4 for odd f); a 2-bit plane's fields are spread to bits 4-5 of the same bytes by
+    one byte permute and two masked shifts per four codes. Each code then costs one byte
+    extraction; a 1-bit plane (5 and 7 bits) is added field by field."""
+    s = tl.arange(0, SP)[None, None, :, None, None]
+    b = tl.arange(0, 4)[None, None, None, :, None]
+    if W0 == 8:
+        quads = words0
+    else:
+        quads = (words0 >> (4 * s)) & 0x0F0F0F0F
+    if W1 == 2:
+        # pairs holds fields 0-3 in bytes 0 and 1, fields 4-7 in bytes 2 and 3 (2 bits each):
+        # field 2b + s sits at bit 2s of byte b (b even) or 4 + 2s (b odd).
+        pairs = _byte_pairs(words1, ASM)
+        quads |= ((pairs << (4 - 2 * s)) & 0x00300030) | ((pairs >> (2 * s)) & 0x30003000)
+    codes = (quads >> (8 * b)) & 0xFF
+    if W1 == 1:
+        codes |= ((words1 >> (b * SP + s)) & 1) << W0
+    if W2 == 1:
+        codes |= ((words2 >> (b * SP + s)) & 1) << (W0 + W1)
+    return codes
+
+
+@triton.jit
+def _load_in_place(ptrs, ASM: tl.constexpr):
     """tl.load(ptrs) in the register layout of the pointers themselves.
 
-    For the codebook lookup (a data-dependent gather) and the group scales, tl.load would make
-    Triton choose a layout of its own for the load and move the whole decoded tile through
-    shared memory to get back to the weights' layout, every K tile; an inline-asm load keeps
-    the layout. The codebook is tiny, so its loads hit L1. The interpreter cannot run PTX and
-    takes tl.load (ASM_LOADS false)."""
-    if ASM_LOADS:
+    For the group scales, tl.load would make Triton choose a layout of its own for the load and
+    move it through shared memory to get back to the weights' layout; an inline-asm load keeps
+    the layout. The interpreter cannot run PTX and takes tl.load (ASM false)."""
+    if ASM:
         address = ptrs.to(tl.int64)
         ty: tl.constexpr = ptrs.dtype.element_ty
         if ty.primitive_bitwidth == 8:
             bits = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=h,l", [address],
                                              dtype=tl.int16, is_pure=True, pack=1).to(tl.int8)
-        elif ty.primitive_bitwidth == 16:
+        else:
             bits = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [address],
                                              dtype=tl.int16, is_pure=True, pack=1)
-        else:
-            bits = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [address],
-                                             dtype=tl.int32, is_pure=True, pack=1)
         return bits.to(ty, bitcast=True)
     else:
         return tl.load(ptrs)
 
 
 @triton.jit
-def _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                 row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                 GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
-                 MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
-    """W_hat[rows, k0 : k0 + C * F * S] in fp32 as a (BLOCK_N, C, F, S) tile whose row-major order
-    is the order of k (F = 32 / W0 fields per word of the first plane); exactly 0 past K."""
-    c = tl.arange(0, C)[None, :, None, None]
-    f = tl.arange(0, F)[None, None, :, None]
-    j = tl.arange(0, S)[None, None, None, :]
-    n = rows[:, None, None, None]
-    sub = k0 // S + c * F
-    codes = _plane_fields(codes_ptr, 0, row_words0, n, sub, f, j, K, W0, S, MASK_K)
-    if W1 > 0:
-        codes |= _plane_fields(codes_ptr, plane_base1, row_words1, n, sub, f, j, K, W1, S, MASK_K) << W0
-    if W2 > 0:
-        codes |= _plane_fields(codes_ptr, plane_base2, row_words2, n, sub, f, j, K, W2, S, MASK_K) << (W0 + W1)
-    k_first = (sub + f) * S  # first k of each sub-chunk, (1, C, F, 1)
-    values = _load_in_place(codebook_ptr + codes, ASM_LOADS).to(tl.float32)
-    if SCALE_PER_WEIGHT:
-        # Groups that are not a multiple of S: one scale per weight.
-        group = (k_first + j) // GROUP
+def _lookup(codebook, codes):
+    """codebook[codes] in the codebook's dtype.
+
+    The codebook sits in registers (loaded once per program); tl.gather copies it to shared
+    memory and reads one entry per code from there: one shared load at a 32-bit address, where a
+    load from global memory (L1) needed a 64-bit one, and Triton keeps the codes' layout. An fp16
+    codebook (64 entries, 128 bytes at 6 bits) spans the 32 banks once, so a warp's 32 lookups
+    never conflict; an fp32 one (256 bytes) puts two entries in each bank."""
+    return tl.reshape(tl.gather(codebook, tl.reshape(codes, (codes.numel,)), 0), codes.shape)
+
+
+@triton.jit
+def _sub_chunk_k(k0, S: tl.constexpr, C: tl.constexpr, SP: tl.constexpr, F: tl.constexpr):
+    """First k of every sub-chunk of S codes of a (BLOCK_N, C, SP, 4, S) tile (_codes), as
+    (1, C, SP, 4, 1)."""
+    f = tl.arange(0, 4)[None, None, None, :, None] * SP + tl.arange(0, SP)[None, None, :, None, None]
+    return k0 + (tl.arange(0, C)[None, :, None, None, None] * F + f) * S
+
+
+@triton.jit
+def _k_of_tile(k0, S: tl.constexpr, C: tl.constexpr, SP: tl.constexpr, F: tl.constexpr):
+    """k of every entry of a (BLOCK_N, C, SP, 4, S) tile (_codes), as (1, C, SP, 4, S)."""
+    return _sub_chunk_k(k0, S, C, SP, F) + tl.arange(0, S)[None, None, None, None, :]
+
+
+@triton.jit
+def _natural(tile, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A (BLOCK_N, C, SP, 4, S) tile as (BLOCK_N, BLOCK_K) in k order (f = b * SP + s)."""
+    return tl.reshape(tl.permute(tile, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _scales(scales_ptr, n, k0, num_groups, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
+            SCALE_IS_E8M0: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+            SP: tl.constexpr, F: tl.constexpr):
+    """fp32 group scales of the K tile at k0 for rows n: one per row, in the shape of n, when the
+    whole tile lies in one group (SCALE_MODE 3); else broadcastable to the tile's
+    (BLOCK_N, C, SP, 4, S) shape: one per chunk of F * S codes (2), per sub-chunk of S codes (1)
+    or per weight (0). Groups past K read the row's last one; their products are discarded."""
+    if SCALE_MODE == 3:
+        k = k0
+    elif SCALE_MODE == 2:
+        k = k0 + tl.arange(0, C)[None, :, None, None, None] * (F * S)
+    elif SCALE_MODE == 1:
+        k = _sub_chunk_k(k0, S, C, SP, F)
     else:
-        # The S codes of a sub-chunk lie in one group: one scale per sub-chunk, broadcast over j.
-        group = k_first // GROUP
-    # Groups past K do not exist: read the row's last one, whose product is discarded below.
-    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(group, num_groups - 1), ASM_LOADS)
+        k = _k_of_tile(k0, S, C, SP, F)
+    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(k // GROUP, num_groups - 1), ASM)
     if SCALE_IS_E8M0:
-        w = values * tl.exp2(stored.to(tl.float32) - 127.0)
-    else:
-        w = values * stored.to(tl.float32)
+        return tl.exp2(stored.to(tl.float32) - 127.0)
+    return stored.to(tl.float32)
+
+
+@triton.jit
+def _codebook(codebook_ptr, BITS: tl.constexpr):
+    return tl.load(codebook_ptr + tl.arange(0, 1 << BITS))
+
+
+@triton.jit
+def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
+                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, GROUP: tl.constexpr,
+                 SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, MASK_K: tl.constexpr,
+                 ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
+    """W_hat of K tile k0 in fp32 as a (BLOCK_N, C, SP, 4, S) tile (_codes); exactly 0 past K."""
+    SP: tl.constexpr = F // 4
+    w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM)).to(tl.float32)
+    w *= _scales(scales_ptr, n, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM, S, C, SP, F)
     if MASK_K:
         # Padding is exactly 0: a NaN codebook entry or an inf scale must not leak into padding
         # (a real NaN must still reach y).
-        w = tl.where(k_first + j < K, w, 0.0)
+        w = tl.where(_k_of_tile(k0, S, C, SP, F) < K, w, 0.0)
     return w
 
 
@@ -138,83 +226,72 @@ def _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_
 
 
 @triton.jit
-def _lut_gemv_kernel(
-    x_ptr, codes_ptr, codebook_ptr, scales_ptr, y_ptr,
-    M, N, K, num_groups, k_per_split,
-    row_words0, row_words1, row_words2, plane_base1, plane_base2,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One row of x (M = 1, BLOCK_M = 1)."""
-    C: tl.constexpr = BLOCK_K // (F * S)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N - 1 (in bounds, no masks) and are not stored. int64: row offsets
-    # times row lengths exceed 2^31 for large layers.
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    k_start = pid_k * k_per_split
-    k_stop = tl.minimum(k_start + k_per_split, K)
-    # k of each entry of the (BLOCK_N, C, F, S) weight tile, relative to its k0, as a full-shape
-    # tensor: each thread loads the x values its weights need (L1 hits), in the weights' own
-    # layout (_load_in_place), so neither x nor the tile moves through shared memory.
-    k_in_tile = ((tl.arange(0, C)[None, :, None, None] * F + tl.arange(0, F)[None, None, :, None]) * S
-                 + tl.arange(0, S)[None, None, None, :] + tl.zeros((BLOCK_N, 1, 1, 1), dtype=tl.int32))
-    # Products stay elementwise in the tile's layout and are reduced across threads once, at the end.
-    acc = tl.zeros((BLOCK_N, C, F, S), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                         row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                         W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
-        # Past K, read x[K - 1]: its weights are 0 there.
-        x = _load_in_place(x_ptr + tl.minimum(k0 + k_in_tile, K - 1) * stride_xk, ASM_LOADS)
-        acc += w * x.to(tl.float32)
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]
-    _store_or_add(y_ptr, y, tl.arange(0, 1), offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
-
-
-@triton.jit
 def _lut_mma_kernel(
     x_ptr, codes_ptr, codebook_ptr, scales_ptr, y_ptr,
     M, N, K, num_groups, k_per_split,
     row_words0, row_words1, row_words2, plane_base1, plane_base2,
     stride_xm, stride_xk, stride_ym, stride_yn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, DOT_IN_FP32: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
+    MASK_K: tl.constexpr, ASM: tl.constexpr, DOT_IN_FP32: tl.constexpr, SCALE_DOT: tl.constexpr,
+    S: tl.constexpr, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """SCALE_DOT (only with SCALE_MODE 3): the dot takes the bare codebook values and its
+    (BLOCK_M, BLOCK_N) result is scaled per column, instead of scaling every weight; cheaper while
+    BLOCK_M is small against BLOCK_K (lut_matmul decides)."""
     C: tl.constexpr = BLOCK_K // (F * S)
+    SP: tl.constexpr = F // 4
     # Programs that share a weight tile (same pid_n) are adjacent, so its bytes come from L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N read row N - 1 (in bounds, no masks) and are not stored. int64: row offsets
+    # times row lengths exceed 2^31 for large layers.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    n = rows[:, None, None, None, None]
+    codebook = _codebook(codebook_ptr, W0 + W1 + W2)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The words of the next K tile are loaded while this one is decoded (they are few: 6 bits a
+    # weight), so the decode does not wait for memory.
+    words0, words1, words2 = _tile_words(codes_ptr, n, k_start, k_stop, row_words0, row_words1, row_words2,
+                                         plane_base1, plane_base2, W0, W1, W2, S, C, F)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
-        w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                         row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                         W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        next0, next1, next2 = _tile_words(codes_ptr, n, k0 + BLOCK_K, k_stop, row_words0, row_words1, row_words2,
+                                          plane_base1, plane_base2, W0, W1, W2, S, C, F)
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        # Rows of the tile past M read nothing (zeros): at M = 1 that is 15 of 16 rows.
         if MASK_K:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_k < K)[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
         else:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m < M)[:, None], other=0.0)
+        if SCALE_DOT:
+            # The whole K tile lies in one group: scale the dot's result, not the weights.
+            w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM))
+            if MASK_K:
+                w = tl.where(_k_of_tile(k0, S, C, SP, F) < K, w, 0.0)
+            scale = _scales(scales_ptr, rows[None, :], k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
+                            ASM, S, C, SP, F)
+        else:
+            # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
+            w = _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
+                             W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
+        w = _natural(w, BLOCK_N, BLOCK_K)
         # fp32 activations (and the interpreter, see lut_matmul) get a true fp32 product, not TF32.
         if DOT_IN_FP32 or x.dtype == tl.float32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        if SCALE_DOT:
+            acc += part * scale
+        else:
+            acc += part
+        words0, words1, words2 = next0, next1, next2
     _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
 
 
@@ -223,21 +300,22 @@ def _lut_dequant_kernel(
     codes_ptr, codebook_ptr, scales_ptr, w_ptr,
     N, K, num_groups, row_words0, row_words1, row_words2, plane_base1, plane_base2, stride_wn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    GROUP: tl.constexpr, SCALE_PER_WEIGHT: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
-    MASK_K: tl.constexpr, ASM_LOADS: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
+    GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
+    MASK_K: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """W_hat[rows, :] into w (N rows of a panel, row stride stride_wn) in w's dtype."""
     C: tl.constexpr = BLOCK_K // (F * S)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    w = _decode_tile(codes_ptr, codebook_ptr, scales_ptr, rows, k0, K, num_groups,
-                     row_words0, row_words1, row_words2, plane_base1, plane_base2,
-                     W0, W1, W2, GROUP, SCALE_PER_WEIGHT, SCALE_IS_E8M0, MASK_K, ASM_LOADS, S, C, F)
+    n = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None, None, None]
+    words0, words1, words2 = _tile_words(codes_ptr, n, k0, K, row_words0, row_words1, row_words2,
+                                         plane_base1, plane_base2, W0, W1, W2, S, C, F)
+    w = _decode_tile(words0, words1, words2, _codebook(codebook_ptr, W0 + W1 + W2), scales_ptr, n, k0, K,
+                     num_groups, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-             tl.reshape(w, (BLOCK_N, BLOCK_K)).to(w_ptr.dtype.element_ty),
+             _natural(w, BLOCK_N, BLOCK_K).to(w_ptr.dtype.element_ty),
              mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
 
@@ -246,11 +324,11 @@ class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
     K tile starts on a word boundary in every plane.
 
-    "gemv" and "mma" compute y directly; "panel" decodes panel_rows rows of W_hat at a time
+    "mma" computes y directly; "panel" decodes panel_rows rows of W_hat at a time
     (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
     and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
 
-    kernel: str  # "gemv", "mma" or "panel"
+    kernel: str  # "mma" or "panel"
     block_m: int
     block_n: int
     block_k: int
@@ -260,10 +338,11 @@ class LaunchConfig:
     panel_rows: int = 0
 
 
-# The GEMV kernel takes M = 1; from PANEL_MIN_M on, the panel path (kernels/BENCHMARKS.md).
+# From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
-# Bytes of one decoded panel: well inside an H100's 50 MB L2, so cuBLAS reads it from there.
-PANEL_BYTES = 16 << 20
+# Bytes of one decoded panel: inside the 50 MB L2 of an H100/H200, so cuBLAS reads it from
+# there; 32 MB (fewer, larger cuBLAS calls) measured 10% faster at M = 2048 than 16 MB.
+PANEL_BYTES = 32 << 20
 # Rows per program in the interpreter: a layer of up to this many rows is one program; larger
 # ones (qwen2's 4864-row MLP layers) still take several, with a partial last tile.
 INTERPRETED_MAX_BLOCK_N = 4096
@@ -273,6 +352,18 @@ def tile_k(bits: int) -> int:
     """The smallest legal block_k for these bits: one word of the first plane for each of S rows'
     worth of sub-chunks, i.e. its chunk (128 codes; 64 at 8 bits)."""
     return plane_chunk(PLANE_WIDTHS[bits][0])
+
+
+def scale_mode(group: int, k: int, first_width: int, block_k: int) -> int:
+    """How finely the kernels read scales (K tiles start at multiples of block_k, itself a multiple
+    of the first plane's chunk): 3, one per K tile (every tile lies in one group); 2, one per
+    chunk; 1, one per sub-chunk of SUBCHUNK codes; 0, one per weight (a sub-chunk can span two
+    groups)."""
+    if group >= k or group % block_k == 0:
+        return 3
+    if group % plane_chunk(first_width) == 0:
+        return 2
+    return 1 if group % SUBCHUNK == 0 else 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,24 +377,20 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
         # The interpreter pays per program and per op, not per element: few, big tiles. A
         # 4864 x 896 6-bit layer at m = 4 cost 4.6 CPU s in tiles of 256 rows, 0.6 s in one tile.
         block_n = min(max(16, triton.next_power_of_2(n)), INTERPRETED_MAX_BLOCK_N)
-        if m == 1:
-            return LaunchConfig("gemv", 1, block_n, 256)
         return LaunchConfig("mma", min(max(16, triton.next_power_of_2(m)), 64), block_n, 256)
     sms = _multiprocessors(torch.cuda.current_device())
-    if m == 1:
-        block_n = 16
-        tiles = triton.cdiv(n, block_n)
-        # Split K only when there are fewer row tiles than SMs: a split costs two more launches
-        # (zeroing and casting the fp32 sums).
-        split_k = max(1, min(4, sms // tiles, k // 2048))
-        return LaunchConfig("gemv", 1, block_n, 512, split_k, num_warps=4, num_stages=3)
     if m >= PANEL_MIN_M:
         # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
         return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = max(1, min(4, (2 * sms) // tiles, k // 1024))
+    # Split K into enough programs that every SM has several waves of them to hide memory and
+    # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
+    # (28672, 8192) and (4096, 4096)); the 128-row tiles are bound by their register use instead
+    # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
+    programs_per_sm = 16 if block_m <= 64 else 2
+    split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
     return LaunchConfig("mma", block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
@@ -362,8 +449,9 @@ def lut_matmul(
     config = config or launch_config(m, n, k, bits, interpreted)
     if config.block_k % tile_k(bits):
         raise ValueError(f"block_k must be a multiple of {tile_k(bits)} for {bits}-bit codes, got {config.block_k}")
-    # The lookup table is read in its stored precision if that is fp16 (packed layers), else as
-    # fp32; the interpreter gets fp32 (see below).
+    # The lookup table is read in its stored precision if that is fp16 (packed layers: exact, and
+    # free of shared-memory bank conflicts, see _lookup), else as fp32; the interpreter gets fp32
+    # (see below).
     if interpreted or codebook.dtype != torch.float16:
         codebook = codebook.to(torch.float32)
     widths = PLANE_WIDTHS[bits] + (0,) * (3 - len(PLANE_WIDTHS[bits]))
@@ -373,8 +461,8 @@ def lut_matmul(
     layout = (*row_words, plane_base1, plane_base2)
     constants = dict(
         W0=widths[0], W1=widths[1], W2=widths[2], GROUP=group,
-        SCALE_PER_WEIGHT=not (group % SUBCHUNK == 0 or group >= k), SCALE_IS_E8M0=scales.dtype == torch.uint8,
-        MASK_K=k % config.block_k != 0, ASM_LOADS=not interpreted, S=SUBCHUNK, F=32 // widths[0],
+        SCALE_MODE=scale_mode(group, k, widths[0], config.block_k), SCALE_IS_E8M0=scales.dtype == torch.uint8,
+        MASK_K=k % config.block_k != 0, ASM=not interpreted, S=SUBCHUNK, F=32 // widths[0],
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     codebook, scales = codebook.contiguous(), scales.contiguous()
@@ -409,17 +497,16 @@ def lut_matmul(
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
-    if config.kernel == "gemv":
-        if m != 1 or config.block_m != 1:
-            raise ValueError(f"the gemv kernel takes one row of x (M = 1, block_m = 1), got M = {m}, block_m = {config.block_m}")
-        _lut_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](*args, **constants)
-    elif config.kernel == "mma":
+    if config.kernel == "mma":
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
-        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, **constants)
+        # Scaling the dot's (BLOCK_M, BLOCK_N) result costs BLOCK_M / BLOCK_K of scaling the
+        # weights, plus a second accumulator: worth it for small tiles only.
+        scale_dot = constants["SCALE_MODE"] == 3 and config.block_m <= 32
+        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot, **constants)
     else:
-        raise ValueError(f"config.kernel must be 'gemv', 'mma' or 'panel', got {config.kernel!r}")
+        raise ValueError(f"config.kernel must be 'mma' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out

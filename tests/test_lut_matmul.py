@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from kernels import lut_matmul, reference_lut_matmul
-from kernels.lut_matmul import LaunchConfig, tile_k
+from kernels.lut_matmul import LaunchConfig, scale_mode, tile_k
 from sopq.formats import encode_scales, num_groups
-from sopq.packing import pack_codes
+from sopq.packing import PLANE_WIDTHS, pack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
 # (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x up to 4096 rows x
-# 256, GPU blocks 16..128 x 16..64 x 128..512), with N > 4096 and K > 256 to cross block and
+# 256, GPU blocks 16..128 x 64 x 128), with N > 4096 and K > 256 to cross block and
 # plane-chunk boundaries; (4, 50, 512) and (24, 20, 768) have K a multiple of 256 (no masks on
-# K). M = 1 takes the gemv kernel, larger M the mma kernel.
+# K). Every M here takes the mma kernel (M = 1 in a tile of 16 rows).
 SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512),
           (24, 20, 768), (3, 4100, 200)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
@@ -60,9 +60,9 @@ def test_matches_reference(bits, scale_format, dtype, shape, group):
 # Explicit launch configurations: every kernel, small blocks (many programs), K tiles of one and
 # of several words per plane row, split-K (atomics), panels that do not divide N.
 CONFIG_CASES = [
-    (LaunchConfig("gemv", 1, 16, 1, split_k=1), (1, 50, 700)),
-    (LaunchConfig("gemv", 1, 32, 2, split_k=3), (1, 40, 1100)),
-    (LaunchConfig("gemv", 1, 16, 4, split_k=2), (1, 33, 1300)),
+    (LaunchConfig("mma", 16, 16, 1, split_k=1), (1, 50, 700)),
+    (LaunchConfig("mma", 16, 32, 2, split_k=3), (1, 40, 1100)),
+    (LaunchConfig("mma", 16, 16, 4, split_k=2), (1, 33, 1300)),
     (LaunchConfig("mma", 16, 16, 1, split_k=1), (3, 50, 700)),
     (LaunchConfig("mma", 16, 16, 1, split_k=1), (20, 45, 600)),
     (LaunchConfig("mma", 32, 32, 2, split_k=2), (2, 70, 1100)),
@@ -82,6 +82,32 @@ def test_explicit_configs_match_reference(bits, config, shape):
     args = dict(bits=bits, group=64, n=n, k=k)
     lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
     assert torch.isfinite(out).all()
+    assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
+
+
+# (group, block_k in units of tile_k(6) = 128) -> how the kernels read scales (scale_mode): 3 one
+# per K tile (several groups per row, and one group for the whole row), 2 one per 128-code chunk,
+# 1 one per 16-code sub-chunk, 0 one per weight.
+SCALE_MODE_CASES = [((256, 1), 3), ((256, 2), 3), ((600, 2), 3), ((128, 2), 2), ((32, 1), 1), ((24, 1), 0)]
+
+
+# The mma kernel scales the dot's result (mode 3, block_m <= 32) or the weights (block_m 64).
+KERNELS = [("mma", 16), ("mma", 64), ("panel", 0)]
+
+
+@pytest.mark.parametrize("kernel, block_m", KERNELS)
+@pytest.mark.parametrize("group_block, mode", SCALE_MODE_CASES)
+def test_every_scale_mode(kernel, block_m, group_block, mode):
+    group, block = group_block
+    n, k, m, bits = 40, 600, 3, 6
+    assert scale_mode(group, k, PLANE_WIDTHS[bits][0], block * tile_k(bits)) == mode
+    _, words, codebook, scales = make_layer(n, k, bits, group, "bf16", seed=group + block)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(group)).half()
+    config = LaunchConfig(kernel, block_m, 16, block * tile_k(bits), split_k=2 if kernel == "mma" else 1,
+                          num_stages=1, panel_rows=24)
+    args = dict(bits=bits, group=group, n=n, k=k)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
     assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
 
 
@@ -168,8 +194,8 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         lut_matmul(x[:, :-1], words, codebook, scales, **args)
     with pytest.raises(ValueError, match="block_k must be a multiple of 128"):
-        lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 2, 16, 64), **args)
+        lut_matmul(x, words, codebook, scales, config=LaunchConfig("mma", 16, 16, 64), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
-    with pytest.raises(ValueError, match="one row of x"):
+    with pytest.raises(ValueError, match="'mma' or 'panel'"):
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 1, 16, 256), **args)
