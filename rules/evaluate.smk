@@ -18,6 +18,8 @@ rule evaluate:
         budget_bpw=config["budget_bpw"],
         comparisons=config["comparisons"],
         evaluation=config["evaluation"],
+    # One single-threaded worker process per thread, each running the reference and a share of
+    # the variants block by block (memory: one block and the head's outputs per worker).
     threads: workflow.cores
     resources:
         mem_mb=12000,
