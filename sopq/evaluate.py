@@ -15,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import KINDS, get_weight, run_model, set_weight
-from .stream import HEAP_ONLY, BlockWalk
+from .malloc import HEAP_ONLY
+from .stream import BlockWalk
 
 
 def _check_kind(kind: str) -> None:

@@ -10,47 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .malloc import FLAT_MMAP_THRESHOLD, set_malloc_maps, trim_heap
 from .model import run_model
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-# Allocation size from which glibc serves memory with its own map (see _set_malloc_maps).
-# 64 KiB keeps calibration's memory flat with depth. Stages that also fit or compare layers
-# between blocks (evaluate, importance) take HEAP_ONLY: every allocation from the heap, which
-# _trim_heap hands back after each block. Their layers' temporaries (tens of MB on qwen2),
-# each mapped fresh, cost more system time in page faults than their arithmetic: qwen2
-# evaluate of 3 blocks in one process took 48 s of system time (183 s wall) with an 8 MiB
-# threshold, 8 s (143 s wall) heap-only, at 5.5 GB peak RSS instead of 4.3 (bench/RESULTS-pipeline.md).
-FLAT_MMAP_THRESHOLD = 1 << 16
-HEAP_ONLY = None
-
-
-def _set_malloc_maps(threshold: int | None) -> None:
-    """Serve every allocation of `threshold` bytes or more with its own memory map (glibc), so
-    a freed block's weights and statistics go back to the system at once; None: no memory maps.
-    By default glibc raises the threshold after the first large free, and later blocks' tensors
-    land on a heap that frees nothing: measured, peak memory then grows with depth
-    (bench/RESULTS-streaming.md)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        M_MMAP_THRESHOLD, M_MMAP_MAX = -3, -4
-        libc.mallopt(M_MMAP_MAX, 0 if threshold is None else 65536)  # 65536: glibc's default
-        if threshold is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, threshold)
-
-
-def _trim_heap() -> None:
-    """Hand the heap's free memory back to the system (glibc malloc_trim) after a block."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def hidden_states(block_output) -> torch.Tensor:
@@ -85,7 +46,7 @@ class BlockWalk:
     """
 
     def __init__(self, model: nn.Module, weights, batches: list[torch.Tensor], mmap_threshold: int | None = FLAT_MMAP_THRESHOLD):
-        _set_malloc_maps(mmap_threshold)
+        set_malloc_maps(mmap_threshold)
         self.model, self.weights, self.batches = model, weights, list(batches)
         prefix, self.stack = model_blocks(model)
         self.prefixes = [f"{prefix}.{i}." for i in range(len(self.stack))]
@@ -168,7 +129,7 @@ class BlockWalk:
                 yield i, block
             finally:
                 self.weights.release(block)
-                _trim_heap()
+                trim_heap()
 
     def run(self, i: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block i (read by blocks()) on `hidden`, with the arguments the model gave it for batch `batch`."""
