@@ -22,7 +22,7 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul
+from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul, mma_kernel
 from sopq.formats import num_groups
 from sopq.packing import dequantize, packed_words, unpack_codes
 
@@ -33,7 +33,8 @@ ROTATE_BYTES = 256 << 20
 TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shapes (issue 5)
 
 # Swept mma configurations: (block_m, block_n, block_k, num_warps, split_k); block_m 0 is
-# launch_config's (the smallest power of two >= M, 16..128).
+# launch_config's (the smallest power of two >= M, 16..128). Each takes the tensor-core kernel
+# launch_config would take for its block_m (mma_kernel).
 MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64, 128, 4, 8), (0, 32, 128, 2, 4),
              (0, 32, 128, 2, 8), (0, 64, 128, 8, 1), (0, 128, 128, 8, 1), (0, 64, 256, 4, 2), (64, 64, 128, 4, 2)]
 PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
@@ -57,7 +58,7 @@ def rotating(make, nbytes: int) -> list:
 
 def sweep_configs(m: int, n: int, k: int) -> list[LaunchConfig]:
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
-    configs = [LaunchConfig("mma", bm or block_m, bn, bk, split, warps)
+    configs = [LaunchConfig(mma_kernel(bm or block_m), bm or block_m, bn, bk, split, warps)
                for bm, bn, bk, warps, split in MMA_SWEEP if (bm or block_m) <= block_m and m < PANEL_MIN_M]
     # At small M the panel path's time is mostly its decode: a measure of decode throughput.
     configs += [LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, nbytes // (2 * k) // 64 * 64))

@@ -9,6 +9,9 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
 - _lut_mma_kernel (M < PANEL_MIN_M, M = 1 included): (BLOCK_M, BLOCK_N) output tiles on the
   tensor cores (one tl.dot per K tile, fp32 accumulation); the decode is shared by BLOCK_M rows
   of x. At M = 1 the smallest tile's 15 padding rows read no x and cost little next to the decode.
+  Kernel "mma" computes x W_hat^T; "mma_w" (tiles of <= W_FIRST_MAX_BLOCK_M rows of x) computes
+  y^T = W_hat x^T, so the decoded tile is the dot's first operand: on Hopper a 64-row wgmma
+  whose weight operand comes from registers instead of a 16-row mma.sync.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -216,9 +219,10 @@ def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_gro
 
 
 @triton.jit
-def _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K: tl.constexpr):
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+def _store_or_add(y_ptr, acc, offs_r, offs_c, R, C, stride_yr, stride_yc, SPLIT_K: tl.constexpr):
+    """acc[i, j] into y at (offs_r[i], offs_c[j]): rows and columns of y, or columns and rows."""
+    y_ptrs = y_ptr + offs_r[:, None].to(tl.int64) * stride_yr + offs_c[None, :].to(tl.int64) * stride_yc
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, acc, mask=mask)
     else:
@@ -234,11 +238,18 @@ def _lut_mma_kernel(
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, SPLIT_K: tl.constexpr,
     MASK_K: tl.constexpr, ASM: tl.constexpr, DOT_IN_FP32: tl.constexpr, SCALE_DOT: tl.constexpr,
+    W_FIRST: tl.constexpr,
     S: tl.constexpr, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """SCALE_DOT (only with SCALE_MODE 3): the dot takes the bare codebook values and its
-    (BLOCK_M, BLOCK_N) result is scaled per column, instead of scaling every weight; cheaper while
-    BLOCK_M is small against BLOCK_K (lut_matmul decides)."""
+    (BLOCK_M, BLOCK_N) result is scaled per weight row, instead of scaling every weight; cheaper
+    while BLOCK_M is small against BLOCK_K (lut_matmul decides).
+
+    W_FIRST: the product is y^T = W_hat x^T, accumulated as (BLOCK_N, BLOCK_M). Triton then makes
+    the decoded tile the A operand of a wgmma (BLOCK_N >= 64 rows, read from registers) and x^T
+    its B operand from shared memory; with x first, a 16-row tile is too short for wgmma and runs
+    mma.sync with both operands read back from shared memory. The decoded tile still passes
+    through shared memory once, to reach the wgmma register layout (kernels/BENCHMARKS.md)."""
     C: tl.constexpr = BLOCK_K // (F * S)
     SP: tl.constexpr = F // 4
     # Programs that share a weight tile (same pid_n) are adjacent, so its bytes come from L2.
@@ -255,7 +266,10 @@ def _lut_mma_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The words of the next K tile are loaded while this one is decoded (they are few: 6 bits a
     # weight), so the decode does not wait for memory.
     words0, words1, words2 = _tile_words(codes_ptr, n, k_start, k_stop, row_words0, row_words1, row_words2,
@@ -275,7 +289,11 @@ def _lut_mma_kernel(
             w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM))
             if MASK_K:
                 w = tl.where(_k_of_tile(k0, S, C, SP, F) < K, w, 0.0)
-            scale = _scales(scales_ptr, rows[None, :], k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
+            if W_FIRST:
+                scale_rows = rows[:, None]
+            else:
+                scale_rows = rows[None, :]
+            scale = _scales(scales_ptr, scale_rows, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
                             ASM, S, C, SP, F)
         else:
             # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
@@ -283,7 +301,12 @@ def _lut_mma_kernel(
                              W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
         w = _natural(w, BLOCK_N, BLOCK_K)
         # fp32 activations (and the interpreter, see lut_matmul) get a true fp32 product, not TF32.
-        if DOT_IN_FP32 or x.dtype == tl.float32:
+        if W_FIRST:
+            if DOT_IN_FP32 or x.dtype == tl.float32:
+                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(w.to(x.dtype), tl.trans(x))
+        elif DOT_IN_FP32 or x.dtype == tl.float32:
             part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             part = tl.dot(x, tl.trans(w.to(x.dtype)))
@@ -292,7 +315,10 @@ def _lut_mma_kernel(
         else:
             acc += part
         words0, words1, words2 = next0, next1, next2
-    _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
+    if W_FIRST:
+        _store_or_add(y_ptr, acc, offs_n, offs_m, N, M, stride_yn, stride_ym, SPLIT_K)
+    else:
+        _store_or_add(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K)
 
 
 @triton.jit
@@ -324,11 +350,12 @@ class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
     K tile starts on a word boundary in every plane.
 
-    "mma" computes y directly; "panel" decodes panel_rows rows of W_hat at a time
+    "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
+    first operand, see _lut_mma_kernel); "panel" decodes panel_rows rows of W_hat at a time
     (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
     and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
 
-    kernel: str  # "mma" or "panel"
+    kernel: str  # "mma", "mma_w" or "panel"
     block_m: int
     block_n: int
     block_k: int
@@ -340,6 +367,11 @@ class LaunchConfig:
 
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
+# Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
+# 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
+# 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
+# was not compared in one run, so larger tiles keep "mma" (kernels/BENCHMARKS.md).
+W_FIRST_MAX_BLOCK_M = 16
 # Bytes of one decoded panel: inside the 50 MB L2 of an H100/H200, so cuBLAS reads it from
 # there; 32 MB (fewer, larger cuBLAS calls) measured 10% faster at M = 2048 than 16 MB.
 PANEL_BYTES = 32 << 20
@@ -371,13 +403,19 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def mma_kernel(block_m: int) -> str:
+    """The tensor-core kernel for tiles of block_m rows of x: "mma_w" or "mma"."""
+    return "mma_w" if block_m <= W_FIRST_MAX_BLOCK_M else "mma"
+
+
 def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> LaunchConfig:
     """The configuration lut_matmul uses for an (m, k) x (k, n) product."""
     if interpreted:
         # The interpreter pays per program and per op, not per element: few, big tiles. A
         # 4864 x 896 6-bit layer at m = 4 cost 4.6 CPU s in tiles of 256 rows, 0.6 s in one tile.
         block_n = min(max(16, triton.next_power_of_2(n)), INTERPRETED_MAX_BLOCK_N)
-        return LaunchConfig("mma", min(max(16, triton.next_power_of_2(m)), 64), block_n, 256)
+        block_m = min(max(16, triton.next_power_of_2(m)), 64)
+        return LaunchConfig(mma_kernel(block_m), block_m, block_n, 256)
     sms = _multiprocessors(torch.cuda.current_device())
     if m >= PANEL_MIN_M:
         # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
@@ -391,7 +429,7 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
     # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
-    return LaunchConfig("mma", block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
+    return LaunchConfig(mma_kernel(block_m), block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
 def lut_matmul(
@@ -497,16 +535,17 @@ def lut_matmul(
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
-    if config.kernel == "mma":
+    if config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
         # Scaling the dot's (BLOCK_M, BLOCK_N) result costs BLOCK_M / BLOCK_K of scaling the
         # weights, plus a second accumulator: worth it for small tiles only.
         scale_dot = constants["SCALE_MODE"] == 3 and config.block_m <= 32
-        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot, **constants)
+        _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot,
+                              W_FIRST=config.kernel == "mma_w", **constants)
     else:
-        raise ValueError(f"config.kernel must be 'mma' or 'panel', got {config.kernel!r}")
+        raise ValueError(f"config.kernel must be 'mma', 'mma_w' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out

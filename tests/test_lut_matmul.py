@@ -16,7 +16,8 @@ ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
 # (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x up to 4096 rows x
 # 256, GPU blocks 16..128 x 64 x 128), with N > 4096 and K > 256 to cross block and
 # plane-chunk boundaries; (4, 50, 512) and (24, 20, 768) have K a multiple of 256 (no masks on
-# K). Every M here takes the mma kernel (M = 1 in a tile of 16 rows).
+# K). Every M here takes a tensor-core kernel: up to M = 16 "mma_w" (M = 1 in a tile of 16 rows),
+# above it "mma".
 SHAPES = [(1, 37, 100), (5, 70, 129), (17, 300, 530), (33, 130, 64), (8, 3, 300), (2, 96, 40), (4, 50, 512),
           (24, 20, 768), (3, 4100, 200)]
 GROUPS = [32, 64, 128, None]  # None: one group spanning all of K
@@ -66,6 +67,8 @@ CONFIG_CASES = [
     (LaunchConfig("mma", 16, 16, 1, split_k=1), (3, 50, 700)),
     (LaunchConfig("mma", 16, 16, 1, split_k=1), (20, 45, 600)),
     (LaunchConfig("mma", 32, 32, 2, split_k=2), (2, 70, 1100)),
+    (LaunchConfig("mma_w", 16, 64, 1, split_k=2), (1, 70, 700)),
+    (LaunchConfig("mma_w", 32, 16, 2, split_k=1), (20, 45, 600)),
     (LaunchConfig("panel", 0, 16, 2, panel_rows=24), (9, 70, 600)),
 ]
 
@@ -91,8 +94,8 @@ def test_explicit_configs_match_reference(bits, config, shape):
 SCALE_MODE_CASES = [((256, 1), 3), ((256, 2), 3), ((600, 2), 3), ((128, 2), 2), ((32, 1), 1), ((24, 1), 0)]
 
 
-# The mma kernel scales the dot's result (mode 3, block_m <= 32) or the weights (block_m 64).
-KERNELS = [("mma", 16), ("mma", 64), ("panel", 0)]
+# The mma kernels scale the dot's result (mode 3, block_m <= 32) or the weights (block_m 64).
+KERNELS = [("mma", 16), ("mma", 64), ("mma_w", 16), ("mma_w", 64), ("panel", 0)]
 
 
 @pytest.mark.parametrize("kernel, block_m", KERNELS)
@@ -103,7 +106,7 @@ def test_every_scale_mode(kernel, block_m, group_block, mode):
     assert scale_mode(group, k, PLANE_WIDTHS[bits][0], block * tile_k(bits)) == mode
     _, words, codebook, scales = make_layer(n, k, bits, group, "bf16", seed=group + block)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(group)).half()
-    config = LaunchConfig(kernel, block_m, 16, block * tile_k(bits), split_k=2 if kernel == "mma" else 1,
+    config = LaunchConfig(kernel, block_m, 16, block * tile_k(bits), split_k=1 if kernel == "panel" else 2,
                           num_stages=1, panel_rows=24)
     args = dict(bits=bits, group=group, n=n, k=k)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
@@ -197,5 +200,5 @@ def test_rejects_bad_input():
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("mma", 16, 16, 64), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
-    with pytest.raises(ValueError, match="'mma' or 'panel'"):
+    with pytest.raises(ValueError, match="'mma', 'mma_w' or 'panel'"):
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 1, 16, 256), **args)
