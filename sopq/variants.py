@@ -171,7 +171,7 @@ def evaluate_streaming(
     the tables are the same as from one process, in the same order."""
     check_variant_layers(variants, layers)
     names = list(variants)
-    parts = _deal(variants, workers)
+    parts = [names[i::workers] for i in range(min(workers, len(names)))]
     if len(parts) <= 1:
         return _evaluate_streaming(model, weights, kind, layers, gram, variants, sequences, batch_size, progress)
 
@@ -189,24 +189,6 @@ def evaluate_streaming(
     # Every part ran the reference: its row is taken once.
     end_to_end = pd.concat([results[0][1], *(r[1].iloc[1:] for r in results[1:])]).sort_values("variant", key=by_order)
     return per_layer.reset_index(drop=True), end_to_end.reset_index(drop=True)
-
-
-def _uses_gptq_factor(makers: dict) -> bool:
-    """Whether a variant's layers are made through error feedback here (LayerInput.hinv)."""
-    return any(getattr(m, "func", None) is _error_feedback or (getattr(m, "func", None) is _fitted and m.args[1])
-               for m in makers.values())
-
-
-def _deal(variants: dict[str, dict], workers: int) -> list[list[str]]:
-    """The variants' names in at most `workers` parts of equal count, those that need the GPTQ
-    factor in the first: each worker computes the factor of every layer it makes with error
-    feedback (a K^3 step, the most costly of a fit on wide layers), so once is enough."""
-    parts = [[v for v, makers in variants.items() if _uses_gptq_factor(makers)]]
-    parts += [[] for _ in range(workers - 1)]
-    for v, makers in variants.items():
-        if not _uses_gptq_factor(makers):
-            min(parts, key=len).append(v)
-    return [part for part in parts if part]
 
 
 @torch.no_grad()

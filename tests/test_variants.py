@@ -8,7 +8,7 @@ from sopq.calibrate import collect_stats
 from sopq.evaluate import evaluate_variants
 from sopq.model import get_weight, load_empty_model, load_model, quantizable_layers, token_sequences
 from sopq.metrics import layer_errors_many
-from sopq.variants import UNIFORM_BITS, LayerInput, _deal, alpha_validation, build_variants, evaluate_streaming, quality_table, summarize
+from sopq.variants import UNIFORM_BITS, LayerInput, alpha_validation, build_variants, evaluate_streaming, quality_table, summarize
 from sopq.quantize import quantize_layer
 from sopq.store import write_packed
 from tiny_models import make_tiny_bert, make_tiny_gguf_dir, make_tiny_llama, sample_text
@@ -199,19 +199,3 @@ class GramsOf(dict):
     def __init__(self, weights):
         super().__init__({name: torch.eye(W.shape[1], dtype=torch.float64) for name, W in weights.items()})
 
-
-def test_variants_that_need_the_gptq_factor_share_a_worker(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    weights = {"a": torch.randn(16, 64, generator=g)}
-    write_packed({"a": quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 4, 32, "fp16")},
-                 tmp_path / "packed", "fam")
-    quantization = {"group": 32, "scale_format": "fp16", "error_feedback": True}
-    variants = build_variants(shapes(weights), tmp_path / "packed", quantization,
-                              comparisons={"ef_baselines": True, "uniform_without_ef": True})
-    parts = _deal(variants, 2)
-    # sop6 is fitted here with error feedback (no stored fits), as are the *_ef baselines.
-    assert parts[0][:4] == ["sop6", "fp8_channel_ef", "fp6_e2m3_mx_ef", "int6_channel_ef"]
-    assert sorted(v for part in parts for v in part) == sorted(variants)
-    assert abs(len(parts[0]) - len(parts[1])) <= 1 and "sop6_no_ef" in parts[1]
-    (alone,) = _deal(variants, 1)
-    assert sorted(alone) == sorted(variants)
