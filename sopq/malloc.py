@@ -12,8 +12,8 @@ def _libc():
 
 # Allocation size from which glibc serves memory with its own map (see set_malloc_maps).
 # 64 KiB keeps calibration's memory flat with depth. Stages that fit or compare layers
-# (sensitivity, evaluate, importance) take HEAP_ONLY: every allocation from the heap, which the
-# block walks hand back after each block (trim_heap). Their layers' temporaries (tens of MB on
+# (sensitivity, evaluate, importance) take HEAP_ONLY: every allocation from the heap (the block
+# walks hand its free memory back after each block, trim_heap). Their layers' temporaries (tens of MB on
 # qwen2), each mapped fresh, cost more system time in page faults than their arithmetic, at some
 # more peak memory (bench/RESULTS-pipeline.md): qwen2 evaluate of 3 blocks in one process took
 # 48 s of system time (183 s wall) with an 8 MiB threshold, 8 s (143 s wall) heap-only, at

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sopq.formats import FP8_E4M3_MAX, decode_scales, encode_scales, num_groups, round_fp8_e4m3, round_scales
+from sopq.formats import FP8_E4M3_MAX, decode_scales, encode_scales, num_groups, round_scales
 from sopq.packing import dequantize
 
 MODES = ("free", "fp8")

@@ -3,7 +3,6 @@ and keep the fits for the stages after promotion."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import multiprocessing
 from collections import deque
