@@ -30,7 +30,8 @@ class LayerErrors:
         inner product (activation-weighted cosine similarity)."""
         w_norm = self.w_norm
         dW = self.W - W_hat.double()
-        e = ((dW.float() @ self.H32).double() * dW).sum()
+        # An exact reconstruction (a GGUF source's grid) needs no matmul.
+        e = ((dW.float() @ self.H32).double() * dW).sum() if dW.any() else dW.new_zeros(())
         cross = (self.WH * dW).sum()  # tr(W H dW^T)
         what_norm = w_norm - 2 * cross + e
         return {

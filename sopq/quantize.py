@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import strtri
 
 from sopq.formats import FP8_E4M3_MAX, decode_scales, encode_scales, num_groups, round_scales
 from sopq.packing import dequantize
@@ -64,6 +65,10 @@ class QuantizedLayer:
     bits: int
     group: int
     scale_format: str
+    # The codebook as fitted with the scales, before error feedback and the refit after it (the
+    # same as codebook without error feedback); None where not kept (packed files). With the
+    # scales it gives this fit without error feedback (without_error_feedback).
+    fitted_codebook: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.codebook.float(), decode_scales(self.scales, self.scale_format), self.group)
@@ -362,7 +367,7 @@ def fit_scales_and_codebook(W, h, bits, group, scale_format, mode="free", max_al
         refit_objective = _group_error(w_g, h_g, scales, refit).sum().item()
         if refit_objective < objective:  # fp16 rounding of the entries may undo a tiny gain
             codebook, objective = refit, refit_objective
-        if objective > previous * (1 - ALTERNATION_TOL):
+        if objective > previous * (1 - ALTERNATION_TOL) or objective == 0:
             break
         previous = objective
     return codebook, encode_scales(scales, scale_format)
@@ -379,10 +384,16 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
     # One factorization instead of three (Cholesky, inverse, Cholesky of the inverse): with J the
     # reversal permutation and J H J = L L^T, H^-1 = U^T U for U = J L^-1 J, upper triangular
-    # with a positive diagonal, hence the upper Cholesky factor of H^-1.
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    L_inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=H.dtype), upper=False)
-    return L_inv.flip(0, 1).float()
+    # with a positive diagonal, hence the upper Cholesky factor of H^-1. In float32, as GPTQ
+    # factors (the damping keeps it well conditioned), and L^-1 by LAPACK's triangular inverse
+    # (k^3 / 3 flops, a third of a triangular solve against the identity): at K = 4864 this is
+    # 1.4 s instead of 3.3 s in float64, and E_out of the fits moves by < 1e-3 relative.
+    L = torch.linalg.cholesky(H.flip(0, 1).float())
+    L_inv, info = strtri(L.numpy(), lower=1)
+    if info != 0:
+        raise ValueError(f"inverse_cholesky: the damped Gram matrix's factor is singular (LAPACK info {info})")
+    # LAPACK leaves the upper triangle as it was: zeros, as torch's Cholesky factor has there.
+    return torch.from_numpy(L_inv).flip(0, 1).contiguous()
 
 
 def gptq_round(W, hinv_chol, round_column: Callable[[int, torch.Tensor], torch.Tensor], block=128):
@@ -443,18 +454,38 @@ def quantize_layer(
         raise ValueError(f"group size must be positive, got {group}")
     n, k = W.shape
     group = min(group, k)
-    codebook, stored = fit_scales_and_codebook(W, torch.diagonal(H), bits, group, scale_format, mode, max_alternations)
-    s_full = decode_scales(stored, scale_format).repeat_interleave(group, dim=1)[:, :k]
-    if error_feedback:
+    fitted, stored = fit_scales_and_codebook(W, torch.diagonal(H), bits, group, scale_format, mode, max_alternations)
+    codebook = fitted
+    s_full = _full_scales(stored, scale_format, group, k)
+    nearest = NearestCode(codebook)
+    codes = nearest(W.float() / s_full)
+    # A grid that reproduces W exactly (common on GGUF sources, whose weights sit on a coarse
+    # grid) leaves error feedback no error to feed back and the refit no error to lower.
+    if error_feedback and not torch.equal(s_full * codebook[codes], W.float()):
         if hinv_chol is None:
             hinv_chol = inverse_cholesky(H)
-        nearest = NearestCode(codebook)
         s_columns = s_full.T.contiguous()
         W_hat = gptq_round(W, hinv_chol, lambda i, col: s_columns[i] * codebook[nearest(col / s_columns[i])])
         # W_hat / s lands on codebook entries (to float rounding): the nearest entry gives the codes.
         codes = nearest(W_hat / s_full)
         if mode == "free":
             codebook, _ = refit_codebook(W, H, codes, codebook, s_full)
-    else:
-        codes = nearest_code(W.float() / s_full, codebook)
-    return QuantizedLayer(codebook.half(), stored, codes.to(torch.uint8), bits, group, scale_format)
+    return QuantizedLayer(codebook.half(), stored, codes.to(torch.uint8), bits, group, scale_format, fitted.half())
+
+
+def _full_scales(stored: torch.Tensor, scale_format: str, group: int, k: int) -> torch.Tensor:
+    """The stored (N, G) group scales as float32 (N, K), one per weight."""
+    return decode_scales(stored, scale_format).repeat_interleave(group, dim=1)[:, :k]
+
+
+def without_error_feedback(W: torch.Tensor, q: QuantizedLayer) -> QuantizedLayer:
+    """The fit quantize_layer(W, H, ..., error_feedback=False) gives with q's settings, from q, a
+    fit of the same W and H with error feedback: error feedback keeps the fitted codebook and
+    scales (q.fitted_codebook, q.scales), so rounding W to the nearest entries gives the same
+    codes, without fitting again."""
+    if q.fitted_codebook is None:
+        raise ValueError("this fit does not keep its codebook from before error feedback; rerun sensitivity")
+    s_full = _full_scales(q.scales, q.scale_format, q.group, W.shape[1])
+    codes = NearestCode(q.fitted_codebook.float())(W.float() / s_full)
+    return QuantizedLayer(q.fitted_codebook, q.scales, codes.to(torch.uint8), q.bits, q.group, q.scale_format,
+                          q.fitted_codebook)
