@@ -185,7 +185,8 @@ def save_layer_fits(by_option: dict[str, QuantizedLayer], fits_dir, layer: str) 
     instead of fitting it again."""
     tensors, meta = {}, {}
     for key, q in by_option.items():
-        tensors.update({f"{key}.codes": pack_codes(q.codes, q.bits), f"{key}.codebook": q.codebook, f"{key}.scales": q.scales})
+        tensors.update({f"{key}.codes": pack_codes(q.codes, q.bits), f"{key}.codebook": q.codebook, f"{key}.scales": q.scales,
+                        f"{key}.fitted_codebook": q.fitted_codebook})
         meta[key] = {"bits": q.bits, "group": q.group, "scale_format": q.scale_format, "shape": list(q.codes.shape)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(_fits_file(fits_dir, layer)), metadata={"fits": json.dumps(meta)})
 
@@ -206,6 +207,7 @@ def load_fits(fits_dir, wanted: dict[str, str]) -> dict[str, QuantizedLayer]:
                 codebook=f.get_tensor(f"{key}.codebook"), scales=f.get_tensor(f"{key}.scales"),
                 codes=unpack_codes(f.get_tensor(f"{key}.codes"), m["bits"], tuple(m["shape"])),
                 bits=m["bits"], group=m["group"], scale_format=m["scale_format"],
+                fitted_codebook=f.get_tensor(f"{key}.fitted_codebook") if f"{key}.fitted_codebook" in f.keys() else None,
             )
     return out
 

@@ -3,6 +3,8 @@ per-layer and summary tables."""
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,12 +19,14 @@ from sopq.evaluate import EndToEnd, check_variant_layers, comparable_output, sco
 from sopq.formats import average_bpw, sop_bpw
 from sopq.metrics import LayerErrors
 from sopq.model import get_weight, set_weight
-from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
+from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer, without_error_feedback
 from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
 from sopq.store import PackedReader
 from sopq.malloc import HEAP_ONLY
 from sopq.stream import BlockWalk
 from sopq.workers import run_forked
+
+log = logging.getLogger(__name__)
 
 # Width of the uniform SOP variants, "sop6...": the report measures promotion against them.
 UNIFORM_BITS = 6
@@ -67,6 +71,10 @@ def _stored_fit(fits_dir, name: str, key: str, errors: dict[str, float] | None, 
     return _quantized(load_fits(fits_dir, {name: key})[name], errors)
 
 
+def _stored_without_feedback(fits_dir, name: str, key: str, layer: LayerInput) -> MadeLayer:
+    return _quantized(without_error_feedback(layer.W, load_fits(fits_dir, {name: key})[name]))
+
+
 def _fitted(form: tuple, error_feedback: bool, layer: LayerInput) -> MadeLayer:
     bits, group, scale_format, mode = form
     hinv = layer.hinv if error_feedback else None
@@ -82,6 +90,55 @@ def _rounded(baseline, layer: LayerInput) -> MadeLayer:
 def _error_feedback(grid_of, layer: LayerInput) -> MadeLayer:
     grid = grid_of(layer.W)
     return MadeLayer(grid.error_feedback(layer.W, layer.hinv), grid.bpw)
+
+
+# Estimated cost of one block of one variant in evaluate, in seconds of one core, by how its layers
+# are made (qwen2, 24 blocks of 15 M weights, one process): the forward pass ~0.5 for every
+# variant; a stored fit (errors known from sensitivity) ~0.1 to load; the packed plan or a
+# fixed-format rounding or a stored fit rounded again without error feedback ~0.15 plus ~0.6 for
+# the errors' dW H matmuls; error feedback ~0.8 plus the errors; a fit without error feedback
+# ~2.2 plus the errors. The layers' GPTQ factor (~1.4)
+# is computed by every worker that has a variant needing it.
+FORWARD_COST = 0.5
+MAKE_COST = {_stored_fit: 0.1, _stored_without_feedback: 0.75, _packed: 0.75, _rounded: 0.75, _error_feedback: 1.4,
+             _fitted: 2.8}
+ERROR_FEEDBACK_COST = 0.8
+FACTOR_COST = 1.4
+
+
+def _variant_cost(makers: dict) -> tuple[float, bool]:
+    """(estimated cost per block, whether it needs the GPTQ factor) of a variant of build_variants."""
+    make = next(iter(makers.values()), None)
+    kind = getattr(make, "func", None)
+    fitted_with_feedback = kind is _fitted and make.args[1]
+    cost = FORWARD_COST + MAKE_COST.get(kind, 1.0) + (ERROR_FEEDBACK_COST if fitted_with_feedback else 0.0)
+    return cost, kind is _error_feedback or fitted_with_feedback
+
+
+def deal_variants(variants: dict[str, dict], workers: int) -> list[list[str]]:
+    """The variants dealt to at most `workers` parts of near-equal estimated cost: the costliest
+    first, each to the part it leaves least loaded. The variants that need the GPTQ factor go
+    either together (the factor computed once) or one by one, whichever estimate ends sooner.
+    Each part keeps the variants' order."""
+    costs = {name: _variant_cost(makers) for name, makers in variants.items()}
+
+    def deal(items):
+        parts, loads, has_factor = [[] for _ in range(workers)], [0.0] * workers, [False] * workers
+        for cost, names, factor in sorted(items, key=lambda item: -item[0]):
+            after = [loads[i] + cost + (FACTOR_COST if factor and not has_factor[i] else 0.0) for i in range(workers)]
+            i = after.index(min(after))
+            loads[i], has_factor[i] = after[i], has_factor[i] or factor
+            parts[i].extend(names)
+        return max(loads), parts
+
+    one_by_one = [(cost, [name], factor) for name, (cost, factor) in costs.items()]
+    factored = [name for name, (_, factor) in costs.items() if factor]
+    together = [item for item in one_by_one if not item[2]]
+    if factored:
+        together.append((sum(costs[name][0] for name in factored), factored, True))
+    _, parts = min(deal(one_by_one), deal(together), key=lambda dealt: dealt[0])
+    order = {name: i for i, name in enumerate(variants)}
+    return [sorted(part, key=order.get) for part in parts if part]
 
 
 def budget_variant(budget: float) -> str:
@@ -106,7 +163,8 @@ def build_variants(
       the sensitivity table, also sop6[<option>] for every other option of the search space
       (the errors of stored fits are the sensitivity table's, measured on the same W and H);
     - sop_promoted@B for each budget B in sweep_plans (promote.budget_sweep's stacked plans);
-    - sop6_no_ef (comparisons.uniform_without_ef): sop6 without error feedback;
+    - sop6_no_ef (comparisons.uniform_without_ef): sop6 without error feedback (from sop6's stored
+      fit when fits_dir is given: its codebook before error feedback, its scales);
     - every fixed-format baseline, round to nearest, and (comparisons.ef_baselines) the
       EF_BASELINES through the same error feedback as SOP."""
     comparisons = comparisons or {}
@@ -143,7 +201,8 @@ def build_variants(
         for budget, plan in sweep_plans.groupby("budget_bpw", sort=True):
             variants[budget_variant(budget)] = stored(plan_keys(plan))
     if comparisons.get("uniform_without_ef"):
-        variants["sop6_no_ef"] = fitted(False)
+        variants["sop6_no_ef"] = fitted(False) if fits_dir is None else {
+            name: functools.partial(_stored_without_feedback, fits_dir, name, key) for name, key in uniform_keys.items()}
     for name, baseline in BASELINES.items():
         variants[name] = {layer: functools.partial(_rounded, baseline) for layer in shapes}
     if comparisons.get("ef_baselines"):
@@ -166,18 +225,22 @@ def evaluate_streaming(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-layer table, end-to-end table) of every variant against the reference, for a model
     whose parameters are on the meta device (sopq.model.load_empty_model), one block at a time
-    (_evaluate_streaming). With workers > 1 the variants are dealt out to that many forked
-    single-threaded processes (sopq.workers.run_forked), each of which also runs the reference;
-    the tables are the same as from one process, in the same order."""
+    (_evaluate_streaming). With workers > 1 the variants are dealt out (deal_variants) to that
+    many forked single-threaded processes (sopq.workers.run_forked), each of which also runs the
+    reference; the tables are the same as from one process, in the same order."""
     check_variant_layers(variants, layers)
     names = list(variants)
-    parts = [names[i::workers] for i in range(min(workers, len(names)))]
+    parts = deal_variants(variants, workers)
     if len(parts) <= 1:
         return _evaluate_streaming(model, weights, kind, layers, gram, variants, sequences, batch_size, progress)
 
     def evaluate_part(part: list[str]):
-        return _evaluate_streaming(model, weights, kind, layers, gram, {v: variants[v] for v in part}, sequences,
-                                   batch_size, progress and part is parts[0])
+        start, cpu = time.perf_counter(), time.process_time()
+        result = _evaluate_streaming(model, weights, kind, layers, gram, {v: variants[v] for v in part}, sequences,
+                                     batch_size, progress and part is parts[0])
+        # The estimated costs (deal_variants) against what each worker took.
+        log.info("worker of %s: %.0f s, %.0f CPU s", ", ".join(part), time.perf_counter() - start, time.process_time() - cpu)
+        return result
 
     results = run_forked(evaluate_part, parts)
     order = {"layer": {name: i for i, name in enumerate(layers)}, "variant": {v: i for i, v in enumerate(["reference", *names])}}

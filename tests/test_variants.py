@@ -1,3 +1,5 @@
+import functools
+
 import pandas as pd
 import pytest
 import torch
@@ -98,6 +100,8 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     # The stored fits are what a fresh fit gives.
     fresh = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16")
     assert torch.equal(hats["sop6"]["a"][0], fresh.dequantize())
+    fresh_no_ef = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16", error_feedback=False)
+    assert torch.equal(hats["sop6_no_ef"]["a"][0], fresh_no_ef.dequantize())
     # Stored fits carry the sensitivity table's errors, which are those of the layer they give;
     # the packed plan and the fitted or rounded variants carry none (evaluate measures them).
     per_layer = layer_table(weights, grams, hats)
@@ -119,6 +123,35 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     check = alpha_validation(summary, pareto, "causal_lm")
     assert check["budget_bpw"].tolist() == [7.0, 9.0]  # 10.0 was not measured
     assert check["kl_mean"].tolist() == summary.set_index("variant").loc[["sop_promoted@7", "sop_promoted@9"], "kl_mean"].tolist()
+
+
+def test_deal_variants_balances_estimated_cost_and_shares_the_gptq_factor():
+    from sopq.variants import FACTOR_COST, _error_feedback, _fitted, _packed, _rounded, _stored_fit, _variant_cost, deal_variants
+
+    def variant(make):
+        return dict.fromkeys(["a", "b"], make)
+
+    variants = {"sop_promoted": variant(functools.partial(_packed)), "sop6_no_ef": variant(functools.partial(_fitted, None, False)),
+                **{f"sop@{b}": variant(functools.partial(_stored_fit)) for b in range(4)},
+                **{f"fixed{i}": variant(functools.partial(_rounded)) for i in range(8)},
+                **{f"feedback{i}": variant(functools.partial(_error_feedback)) for i in range(3)}}
+    parts = deal_variants(variants, 2)
+    assert sorted(sum(parts, [])) == sorted(variants)
+    order = list(variants)
+    assert all(part == sorted(part, key=order.index) for part in parts)
+    # The error-feedback variants share one worker, which computes the GPTQ factor once.
+    assert [sum(name.startswith("feedback") for name in part) for part in parts] in ([3, 0], [0, 3])
+
+    def load(part):
+        costs = [_variant_cost(variants[name]) for name in part]
+        return sum(cost for cost, _ in costs) + FACTOR_COST * any(factor for _, factor in costs)
+
+    largest = max(_variant_cost(makers)[0] for makers in variants.values())
+    assert abs(load(parts[0]) - load(parts[1])) <= largest
+    # With as many workers as error-feedback variants, one worker holding them all would end last.
+    few = {name: variants[name] for name in ["feedback0", "feedback1", "feedback2", "sop@0", "sop@1", "sop@2"]}
+    assert sorted(sum(name.startswith("feedback") for name in part) for part in deal_variants(few, 3)) == [1, 1, 1]
+    assert deal_variants(few, 1) == [list(few)]
 
 
 @pytest.mark.parametrize("make, kind", [(make_tiny_llama, "causal_lm"), (make_tiny_bert, "encoder"),
