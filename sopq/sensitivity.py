@@ -123,10 +123,12 @@ def option_key(bits: int, group: int, scale_format: str, mode: str) -> str:
     return f"b{bits}.g{group}.{scale_format}.{mode}"
 
 
-def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternations):
-    """Every (bits, option) fit of one layer: (rows of the sensitivity table, {option key: fit}).
-    The GPTQ factor of H is computed once and shared by all of them, the float64 product W H
-    behind the errors once per option (its widths' reconstructions are held together)."""
+def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternations, fits_dir=None):
+    """Every (bits, option) fit of one layer: the rows of the sensitivity table; with fits_dir,
+    the fits are also written there (save_layer_fits). The GPTQ factor of H is computed once and
+    shared by all of them, the float64 product W H behind the errors once per option (its
+    widths' reconstructions are held together). Runs in a worker process: packing and writing
+    the fits here, not in the parent, keeps the parent free to hand out the next layers."""
     n, k = W.shape
     hinv = inverse_cholesky(H) if error_feedback else None
     rows, fits = [], {}
@@ -144,7 +146,9 @@ def _score_layer(name, W, H, allowed_bits, options, error_feedback, max_alternat
             for key, q in option_fits.items()
         )
         fits.update(option_fits)
-    return rows, fits
+    if fits_dir is not None:
+        save_layer_fits(fits, fits_dir, name)
+    return rows
 
 
 def score_layers(
@@ -159,19 +163,19 @@ def score_layers(
 ) -> pd.DataFrame:
     """One row per (layer, option, bits): layer, bits, group, scale_format, mode, n, k, bpw, e_out,
     mse, acos. With fits_dir, every fit is also written there (save_layer_fits, one file per
-    layer as it completes, so memory holds one layer's fits), for later stages to reuse."""
-    tasks = (
-        (name, W, gram[name], allowed_bits, options, error_feedback, max_alternations) for name, W in weights.items()
-    )
+    layer as it completes, so memory holds one layer's fits), for later stages to reuse; the
+    directory appears only once every layer is written."""
     rows = []
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(fits_dir)) if fits_dir is not None else None
         if tmp is not None:
             tmp.mkdir()
-        for name, (layer_rows, layer_fits) in zip(weights, _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights))):
+        tasks = (
+            (name, W, gram[name], allowed_bits, options, error_feedback, max_alternations, tmp)
+            for name, W in weights.items()
+        )
+        for layer_rows in _map_layers(_score_layer, tasks, workers, "sensitivity", len(weights)):
             rows.extend(layer_rows)
-            if tmp is not None:
-                save_layer_fits(layer_fits, tmp, name)
     return pd.DataFrame(rows)
 
 
