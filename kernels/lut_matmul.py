@@ -466,8 +466,7 @@ def _lut_wgmma_kernel(
     for i in gl.static_range(STAGES - 1):
         if i < tiles:
             mbarrier.expect(bars.index(i), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], bars.index(i),
-                                            x_smem.index(i))
+            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], bars.index(i), x_smem.index(i))
 
     acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
     words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
@@ -476,6 +475,7 @@ def _lut_wgmma_kernel(
         words1 = _g_words(plane1, row_words1, rows, j, k_start, W1)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
+        # The last tile reloads its own words (unused) rather than read past its split.
         k_next = gl.minimum(k0 + G_BLOCK_K, k_last)
         next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
         next1 = next0
@@ -486,8 +486,8 @@ def _lut_wgmma_kernel(
         if ahead < tiles:
             slot = ahead % STAGES
             mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + ahead * G_BLOCK_K],
-                                            bars.index(slot), x_smem.index(slot))
+            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + ahead * G_BLOCK_K], bars.index(slot),
+                      x_smem.index(slot))
         stored = gl.load(scales_ptr + scale_rows + k0 // GROUP)
         if SCALE_IS_E8M0:
             scale = gl.exp2(stored.to(gl.float32) - 127.0)
@@ -495,6 +495,7 @@ def _lut_wgmma_kernel(
             scale = stored.to(gl.float32)
         a = _g_decode(words0, words1, table, W1)
         mbarrier.wait(bars.index(i % STAGES), i // STAGES % 2)
+        # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False)
         acc += part * gl.expand_dims(scale, 1)
         words0 = next0
