@@ -12,6 +12,9 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
   Kernel "mma" computes x W_hat^T; "mma_w" (tiles of <= W_FIRST_MAX_BLOCK_M rows of x) computes
   y^T = W_hat x^T, so the decoded tile is the dot's first operand: on Hopper a 64-row wgmma
   whose weight operand comes from registers instead of a 16-row mma.sync.
+- _lut_wgmma_kernel (Gluon, Hopper; M <= WGMMA_MAX_M where wgmma_fits): "mma_w" with explicit
+  register layouts, so that each thread loads and decodes exactly the weights it holds in the
+  wgmma A fragment and the decoded tile never passes through shared memory.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -20,12 +23,17 @@ the time goes: kernels/BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.interpreter import InterpretedFunction
 
 from sopq.formats import decode_scales, num_groups
@@ -345,17 +353,178 @@ def _lut_dequant_kernel(
              mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
 
+# The Gluon kernel ("wgmma", Hopper): 4 warps, 64 weight rows x 16 rows of x, K tiles of 128.
+# Each thread decodes exactly the weights it holds in the wgmma A fragment: warp w, lane l has
+# rows 16 w + l / 4 (+ 8) and, in every 16-wide K step f, k = 16 f + 2 (l % 4) (+ 1) (+ 8). A
+# K tile of a 4-bit first plane is one chunk: k = 16 f + j is field f of word j of the row
+# (sopq/packing.py), so the thread loads words j = 2 (l % 4) (+ 1) (+ 8) of its two rows and
+# finds all 8 fields of each in its own registers. Codes are 7-D tensors
+# (warp, h, r, b, sp, jh, jl): row 16 warp + 8 h + r, field f = 2 b + sp, j = 8 jh + jl, so that
+# k = 32 b + 16 sp + 8 jh + jl; flattened, that is the A fragment itself, and the decoded tile
+# reaches the wgmma without passing through shared memory. Fields f = 2 b + sp of the 4-bit
+# plane sit in byte b of the word shifted right by 4 sp: one mask yields four codes (_codes).
+_G_RANK = 7
+
+
+def _axis_layout(layout, dim: int):
+    """The 1-D layout of dimension `dim` of a _G_RANK-D layout (the others sliced away)."""
+    for d in reversed(range(_G_RANK)):
+        if d != dim:
+            layout = gl.SliceLayout(d, layout)
+    return gl.constexpr(layout)
+
+
+_G_ORDER = list(reversed(range(_G_RANK)))
+_G_CODES_LAYOUT = gl.BlockedLayout([1, 2, 1, 4, 2, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
+_G_WORDS_LAYOUT = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
+_G_CODES = gl.constexpr(_G_CODES_LAYOUT)
+# 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
+_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
+_G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
+_G_ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
+_G_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_G_ACC, k_width=2))
+_G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later versions, async_load.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+G_BLOCK_M, G_BLOCK_N, G_BLOCK_K = gl.constexpr(16), gl.constexpr(64), gl.constexpr(128)
+
+
+@gluon.jit
+def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr):
+    """arange(0, N) along dimension DIM of a 7-D tensor whose layout has AXIS_LAYOUT as that
+    dimension's 1-D layout (_axis_layout), size 1 elsewhere."""
+    x = gl.arange(0, N, layout=AXIS_LAYOUT)
+    for d in gl.static_range(7):  # _G_RANK
+        if d != DIM:
+            x = gl.expand_dims(x, d)
+    return x
+
+
+@gluon.jit
+def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr):
+    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS_LAYOUT), shifted so that the tile's 8 fields
+    start at bit 0 (a plane of 32 / WIDTH > 8 fields per word serves several K tiles)."""
+    PER_WORD: gl.constexpr = 32 // WIDTH
+    words = gl.load(plane + rows * row_words + k0 // (16 * PER_WORD) * 16 + j)
+    if PER_WORD > 8:
+        words = words >> (k0 // 128 % (PER_WORD // 8) * (8 * WIDTH))
+    return words
+
+
+@gluon.jit
+def _g_decode(words0, words1, table, W1: gl.constexpr):
+    """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
+    in _codes: byte b of quads holds field 2 b + sp."""
+    b = _index(4, 3, _G_C3)
+    sp = _index(2, 4, _G_C4)
+    quads = (gl.convert_layout(words0, _G_CODES) >> (4 * sp)) & 0x0F0F0F0F
+    if W1 == 2:
+        # Bytes (b0, b0, b1, b1) of the 2-bit plane's word (_byte_pairs).
+        pairs = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [gl.convert_layout(words1, _G_CODES)],
+                                          dtype=gl.int32, is_pure=True, pack=1)
+        quads |= ((pairs << (4 - 2 * sp)) & 0x00300030) | ((pairs >> (2 * sp)) & 0x30003000)
+    # Byte b of every quad, zero-extended: one prmt (selector 0x4440 + b).
+    codes = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [quads, 0x4440 + b],
+                                      dtype=gl.int32, is_pure=True, pack=1)
+    if W1 == 1:
+        codes |= ((gl.convert_layout(words1, _G_CODES) >> (2 * b + sp)) & 1) << 4
+    flat = gl.reshape(codes, [G_BLOCK_N * G_BLOCK_K])
+    w = gl.reshape(gl.gather(table, flat, 0), [G_BLOCK_N, G_BLOCK_K])
+    return gl.convert_layout(w, _G_A)
+
+
+@gluon.jit
+def _lut_wgmma_kernel(
+    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr,
+    M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
+    W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
+    TABLE_SIZE: gl.constexpr, STAGES: gl.constexpr,
+):
+    """y^T = W_hat x^T for codes of 4 + W1 bits (W1 in 0, 1, 2), K a multiple of 128 and one
+    group per K tile (scale_mode 3): each K tile's dot takes the bare codebook values (x's dtype)
+    and its result is scaled per weight row. x tiles come by TMA into a ring of STAGES
+    shared-memory slots (rows past M read 0); the words of the next K tile are loaded into
+    registers while this one is decoded."""
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    k_start = pid_k * k_per_split
+    tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
+    k_last = k_start + (tiles - 1) * G_BLOCK_K
+    # Rows past N read row N - 1 and are not stored.
+    rows = pid_n * G_BLOCK_N + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
+    rows = gl.minimum(rows, N - 1).to(gl.int64)
+    j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
+    table = gl.load(table_ptr + gl.arange(0, TABLE_SIZE, layout=_G_TABLE))
+    offs_n = pid_n * G_BLOCK_N + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
+    scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, G_BLOCK_M, G_BLOCK_K], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES - 1):
+        if i < tiles:
+            mbarrier.expect(bars.index(i), x_desc.block_type.nbytes)
+            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], bars.index(i), x_smem.index(i))
+
+    acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
+    words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
+    words1 = words0
+    if W1 > 0:
+        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1)
+    for i in range(tiles):
+        k0 = k_start + i * G_BLOCK_K
+        # The last tile reloads its own words (unused) rather than read past its split.
+        k_next = gl.minimum(k0 + G_BLOCK_K, k_last)
+        next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
+        next1 = next0
+        if W1 > 0:
+            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1)
+        # The slot of tile i + STAGES - 1 held tile i - 1, whose (synchronous) wgmma is done.
+        ahead = i + STAGES - 1
+        if ahead < tiles:
+            slot = ahead % STAGES
+            mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes)
+            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + ahead * G_BLOCK_K], bars.index(slot),
+                      x_smem.index(slot))
+        stored = gl.load(scales_ptr + scale_rows + k0 // GROUP)
+        if SCALE_IS_E8M0:
+            scale = gl.exp2(stored.to(gl.float32) - 127.0)
+        else:
+            scale = stored.to(gl.float32)
+        a = _g_decode(words0, words1, table, W1)
+        mbarrier.wait(bars.index(i % STAGES), i // STAGES % 2)
+        # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
+        part = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False)
+        acc += part * gl.expand_dims(scale, 1)
+        words0 = next0
+        words1 = next1
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    offs_m = pid_m * G_BLOCK_M + gl.arange(0, G_BLOCK_M, layout=gl.SliceLayout(0, _G_ACC))
+    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
+              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
+    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+    if SPLIT_K > 1:
+        gl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
     K tile starts on a word boundary in every plane.
 
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
-    first operand, see _lut_mma_kernel); "panel" decodes panel_rows rows of W_hat at a time
+    first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
+    16 x 64 x 128 blocks and 4 warps, num_stages x tiles in flight); "panel" decodes panel_rows rows of W_hat at a time
     (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
     and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
 
-    kernel: str  # "mma", "mma_w" or "panel"
+    kernel: str  # "mma", "mma_w", "wgmma" or "panel"
     block_m: int
     block_n: int
     block_k: int
@@ -367,6 +536,11 @@ class LaunchConfig:
 
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
+# Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): on the H200,
+# 1.02-1.16x faster than "mma_w" at M = 1..8 on (8192, 8192), (28672, 8192) and (8192, 28672)
+# (0.99-1.10x on the smaller shapes at M = 1); at M = 16, 0.94x on (8192, 8192), 1.02-1.09x on the
+# others (kernels/BENCHMARKS.md).
+WGMMA_MAX_M = 8
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
 # 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
@@ -408,6 +582,16 @@ def mma_kernel(block_m: int) -> str:
     return "mma_w" if block_m <= W_FIRST_MAX_BLOCK_M else "mma"
 
 
+def wgmma_fits(x: torch.Tensor, bits: int, group: int, k: int) -> bool:
+    """Whether the Gluon kernel (_lut_wgmma_kernel) can take this product: a Hopper GPU, 4 to 6
+    bits, fp16 or bf16 activations in rows that TMA can read (16-byte aligned), K a multiple of
+    128 and one group per K tile."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and bits in (4, 5, 6)
+            and x.dtype in (torch.float16, torch.bfloat16) and k % G_BLOCK_K.value == 0
+            and scale_mode(group, k, 4, G_BLOCK_K.value) == 3 and x.stride(1) == 1
+            and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
 def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> LaunchConfig:
     """The configuration lut_matmul uses for an (m, k) x (k, n) product."""
     if interpreted:
@@ -429,7 +613,9 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
     # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
-    return LaunchConfig(mma_kernel(block_m), block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
+    # lut_matmul falls back to "mma_w" (same blocks) where the wgmma kernel does not fit.
+    kernel = "wgmma" if m <= WGMMA_MAX_M else mma_kernel(block_m)
+    return LaunchConfig(kernel, block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
 def lut_matmul(
@@ -484,7 +670,16 @@ def lut_matmul(
     if k == 0:
         return out.zero_()
 
-    config = config or launch_config(m, n, k, bits, interpreted)
+    if config is None:
+        config = launch_config(m, n, k, bits, interpreted)
+        if config.kernel == "wgmma" and not wgmma_fits(x, bits, group, k):
+            config = dataclasses.replace(config, kernel="mma_w")
+    elif config.kernel == "wgmma":
+        if not wgmma_fits(x, bits, group, k):
+            raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
+                             "rows, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
+        if (config.block_m, config.block_n, config.block_k, config.num_warps) != (16, 64, 128, 4):
+            raise ValueError("the wgmma kernel has fixed blocks: block_m 16, block_n 64, block_k 128, 4 warps")
     if config.block_k % tile_k(bits):
         raise ValueError(f"block_k must be a multiple of {tile_k(bits)} for {bits}-bit codes, got {config.block_k}")
     # The lookup table is read in its stored precision if that is fp16 (packed layers: exact, and
@@ -535,7 +730,18 @@ def lut_matmul(
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
-    if config.kernel in ("mma", "mma_w"):
+    if config.kernel == "wgmma":
+        gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+        block = [G_BLOCK_M.value, G_BLOCK_K.value]
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
+                                  gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+        grid = (triton.cdiv(m, G_BLOCK_M.value), triton.cdiv(n, G_BLOCK_N.value), splits)
+        # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).
+        _lut_wgmma_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words, codebook.to(x.dtype),
+                                scales, y, m, n, k, groups, k_per_split, row_words[0], row_words[1], y.stride(0),
+                                y.stride(1), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
+                                SPLIT_K=config.split_k, TABLE_SIZE=2**bits, STAGES=config.num_stages, num_warps=4)
+    elif config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
@@ -545,7 +751,7 @@ def lut_matmul(
         _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot,
                               W_FIRST=config.kernel == "mma_w", **constants)
     else:
-        raise ValueError(f"config.kernel must be 'mma', 'mma_w' or 'panel', got {config.kernel!r}")
+        raise ValueError(f"config.kernel must be 'mma', 'mma_w', 'wgmma' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out

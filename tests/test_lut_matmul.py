@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from kernels import lut_matmul, reference_lut_matmul
-from kernels.lut_matmul import LaunchConfig, scale_mode, tile_k
+from kernels.lut_matmul import LaunchConfig, scale_mode, tile_k, wgmma_fits
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 SCALE_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
 ACTIVATIONS = [torch.float16, torch.bfloat16, torch.float32]
 # (M, N, K): most not a multiple of the block sizes (interpreter blocks are M x up to 4096 rows x
@@ -200,5 +201,43 @@ def test_rejects_bad_input():
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("mma", 16, 16, 64), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
-    with pytest.raises(ValueError, match="'mma', 'mma_w' or 'panel'"):
+    with pytest.raises(ValueError, match="'mma', 'mma_w', 'wgmma' or 'panel'"):
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 1, 16, 256), **args)
+
+
+# The Gluon kernel ("wgmma", Hopper only: the interpreter cannot run Gluon): every width it takes,
+# both activation dtypes and scale formats, M up to 16 and past it (several 16-row tiles), N not
+# a multiple of 64, one group per row (group None), split-K, and the pipeline depths.
+WGMMA_SHAPES = [(1, 70, 512), (16, 130, 1024), (5, 64, 256), (33, 100, 384)]
+WGMMA_CASES = [
+    (bits, scale_format, dtype, WGMMA_SHAPES[i % len(WGMMA_SHAPES)], [128, None][i % 2], 1 + i % 3, 2 + i % 3)
+    for i, (bits, scale_format, dtype) in enumerate(
+        itertools.product([4, 5, 6], SCALE_FORMATS, [torch.float16, torch.bfloat16]))
+]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
+@pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k, stages", WGMMA_CASES)
+def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k, stages):
+    m, n, k = shape
+    group = group or k
+    _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 10 + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    config = LaunchConfig("wgmma", 16, 64, 128, split_k=split_k, num_stages=stages)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    args = dict(bits=bits, group=group, n=n, k=k)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
+
+
+@pytest.mark.parametrize("bits, k, group", [(7, 512, 128), (6, 600, 128), (6, 512, 64)])
+def test_wgmma_kernel_rejects_what_it_cannot_take(bits, k, group):
+    # 7 bits, K not a multiple of 128, two groups in a K tile; on CPU nothing fits.
+    n, m = 40, 2
+    _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, bits, group, "fp16", seed=1))
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    assert not wgmma_fits(x, bits, group, k)
+    with pytest.raises(ValueError, match="wgmma kernel needs"):
+        lut_matmul(x, words, codebook, scales, bits=bits, group=group, n=n, k=k,
+                   config=LaunchConfig("wgmma", 16, 64, 128))
