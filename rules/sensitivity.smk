@@ -1,6 +1,6 @@
 # Layer importance (forward passes) and per-layer scoring (many small fits, spread over
 # single-threaded worker processes: fork-join threading of small ops collapses when cores are
-# shared). Both take every core they are given.
+# shared). Both are heavy stages (HEAVY_THREADS, one cpu_bound: see common.smk).
 rule importance:
     input:
         model="resources/models/{family}",
@@ -14,8 +14,9 @@ rule importance:
         importance=config["importance"],
         seq_len=config["calibration"]["seq_len"],
         seed=config["seed"],
-    threads: workflow.cores
+    threads: HEAVY_THREADS
     resources:
+        cpu_bound=1,
         mem_mb=8000,
         runtime=240,
     conda:
@@ -42,8 +43,9 @@ rule sensitivity_shard:
         **MODEL_PARAMS,
         shard=shard_param,
         quantization=config["quantization"],
-    threads: workflow.cores
+    threads: HEAVY_THREADS
     resources:
+        cpu_bound=1,
         mem_mb=8000,
         runtime=240,
     group:
