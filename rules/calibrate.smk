@@ -11,9 +11,8 @@ rule calibrate:
         seq_len=config["calibration"]["seq_len"],
         batch_size=config["calibration"]["batch_size"],
         streaming=config["calibration"].get("streaming", True),
-    threads: HEAVY_THREADS
+    threads: workflow.cores
     resources:
-        cpu_bound=1,
         mem_mb=8000,
         runtime=240,
     conda:

@@ -16,14 +16,6 @@ except ConfigError as error:
 
 FAMILIES = list(config["families"])
 
-# The heavy stages (calibrate, importance, sensitivity, evaluate) use every CPU of this machine,
-# but no more than --cores, and each takes one `cpu_bound`, of which profiles/default allows one
-# at a time (their memory adds up otherwise). Where --cores is more than the machine has, as in
-# the README's `--cores 8` on a 2-core laptop, the single-threaded jobs (fetch, promote, fit,
-# pack, kernel, report) then run beside a heavy one instead of waiting for it (the timeline is in
-# bench/RESULTS-pipeline.md). The SLURM profile sets threads per rule itself.
-HEAVY_THREADS = max(1, min(workflow.cores, len(os.sched_getaffinity(0))))
-
 
 wildcard_constraints:
     family="|".join(FAMILIES),

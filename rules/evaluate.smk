@@ -20,9 +20,8 @@ rule evaluate:
         evaluation=config["evaluation"],
     # One single-threaded worker process per thread, each running the reference and a share of
     # the variants block by block (memory: one block and the head's outputs per worker).
-    threads: HEAVY_THREADS
+    threads: workflow.cores
     resources:
-        cpu_bound=1,
         mem_mb=12000,
     conda:
         "../envs/sopq.yaml"

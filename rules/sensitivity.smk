@@ -1,6 +1,6 @@
 # Layer importance (forward passes) and per-layer scoring (many small fits, spread over
 # single-threaded worker processes: fork-join threading of small ops collapses when cores are
-# shared). Both are heavy stages (HEAVY_THREADS, one cpu_bound: see common.smk).
+# shared). Both take every core they are given.
 rule importance:
     input:
         model="resources/models/{family}",
@@ -14,9 +14,8 @@ rule importance:
         importance=config["importance"],
         seq_len=config["calibration"]["seq_len"],
         seed=config["seed"],
-    threads: HEAVY_THREADS
+    threads: workflow.cores
     resources:
-        cpu_bound=1,
         mem_mb=8000,
         runtime=240,
     conda:
@@ -43,9 +42,8 @@ rule sensitivity_shard:
         **MODEL_PARAMS,
         shard=shard_param,
         quantization=config["quantization"],
-    threads: HEAVY_THREADS
+    threads: workflow.cores
     resources:
-        cpu_bound=1,
         mem_mb=8000,
         runtime=240,
     group:
