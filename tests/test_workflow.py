@@ -354,3 +354,17 @@ def test_hub_config_plans_every_stage_for_six_families(tmp_path):
         for contract in ["sensitivity.parquet", "plan.parquet", "packed", "kernel.parquet", "eval.parquet"]:
             assert f"results/{name}/{contract}" in output, (name, contract)
     assert planned_jobs(output)["report"] == 1
+
+
+def test_search_space_config_plans_every_option_for_both_small_families(tmp_path):
+    from sopq.sensitivity import search_options
+
+    search_config = REPO / "config" / "search-space.yaml"
+    config = yaml.safe_load(search_config.read_text())
+    validate_config(config)
+    options = search_options(config["quantization"])
+    assert {(o.group, o.mode) for o in options} == {(g, m) for g in [16, 32, 64, 128, "row"] for m in ["free", "fp8"]}
+    output = snakemake(tmp_path, search_config, "results/report.html", "-n")
+    assert sorted(config["families"]) == ["bert", "llama"]
+    for name in config["families"]:
+        assert f"results/{name}/sensitivity.parquet" in output and f"results/{name}/eval.parquet" in output
