@@ -23,6 +23,7 @@ from sopq.metrics import layer_errors_many
 from sopq.io import atomic_path
 from sopq.packing import pack_codes, unpack_codes
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer
+from sopq.workers import use_one_thread
 
 
 def resolve_group(group: int | str, k: int) -> int:
@@ -74,7 +75,7 @@ def _map_layers(fn, tasks, workers: int, desc: str, total: int):
         # fork, as torch's DataLoader does: each child sets one thread before any torch work.
         # (spawn would rerun a Snakemake script's top level in every child.)
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=use_one_thread) as pool:
             submitted: deque = deque()  # futures in task order, from the oldest not yet yielded
             running: set = set()
             exhausted = False

@@ -3,6 +3,7 @@ import signal
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
 from sopq.workers import run_forked
 
@@ -10,13 +11,18 @@ SHARED = {"offset": 100}  # set before the fork: children inherit it, nothing is
 
 
 def add_offset(part):
-    return [x + SHARED["offset"] for x in part], torch.get_num_threads()
+    # SciPy's OpenBLAS is what the GPTQ factor uses (sopq.quantize.inverse_cholesky).
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["internal_api"] == "openblas"]
+    return [x + SHARED["offset"] for x in part], torch.get_num_threads(), blas
 
 
 def test_run_forked_returns_results_in_order_from_single_threaded_children():
+    import scipy.linalg.lapack  # noqa: F401  loads SciPy's OpenBLAS before the fork, as sopq.quantize does
+
     results = run_forked(add_offset, [[1, 2], [3], [4, 5]])
     assert [r[0] for r in results] == [[101, 102], [103], [104, 105]]
     assert all(r[1] == 1 for r in results)
+    assert all(r[2] and set(r[2]) == {1} for r in results)
 
 
 def fail_on_second(part):
