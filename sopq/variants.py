@@ -20,7 +20,7 @@ from sopq.formats import average_bpw, sop_bpw
 from sopq.metrics import LayerErrors
 from sopq.model import get_weight, set_weight
 from sopq.quantize import MAX_ALTERNATIONS, QuantizedLayer, inverse_cholesky, quantize_layer, without_error_feedback
-from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group
+from sopq.sensitivity import load_fits, option_key, plan_keys, resolve_group, search_options
 from sopq.store import PackedReader
 from sopq.malloc import HEAP_ONLY
 from sopq.stream import BlockWalk
@@ -192,11 +192,13 @@ def build_variants(
     uniform_keys = {name: option_key(*form) for name, form in uniform.items()}
     variants["sop6"] = stored(uniform_keys) if fits_dir is not None else fitted(quantization["error_feedback"])
     if fits_dir is not None and sensitivity is not None:
-        rows = sensitivity[sensitivity["bits"] == UNIFORM_BITS]
-        for (group, fmt, m), part in rows.groupby(["group", "scale_format", "mode"], sort=False):
-            keys = {row.layer: option_key(row.bits, row.group, row.scale_format, row.mode) for row in part.itertuples()}
-            if set(keys) == set(shapes) and keys != uniform_keys:
-                variants[f"sop6[g{group}.{fmt}.{m}]"] = stored(keys)
+        for option in search_options(quantization):
+            # By the option, not by the sensitivity table's groups: "row" is a different group per K.
+            keys = {name: option_key(UNIFORM_BITS, resolve_group(option.group, k), option.scale_format, option.mode)
+                    for name, (_, k) in shapes.items()}
+            if keys != uniform_keys and all((name, key) in measured for name, key in keys.items()):
+                group = "row" if option.group == "row" else f"g{option.group}"
+                variants[f"sop6[{group}.{option.scale_format}.{option.mode}]"] = stored(keys)
     if sweep_plans is not None:
         for budget, plan in sweep_plans.groupby("budget_bpw", sort=True):
             variants[budget_variant(budget)] = stored(plan_keys(plan))

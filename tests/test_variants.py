@@ -82,21 +82,24 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     from sopq.sensitivity import FitOption, score_layers
 
     g = torch.Generator().manual_seed(1)
-    weights = {"a": torch.randn(16, 64, generator=g), "b": torch.randn(8, 64, generator=g)}
-    grams = Grams()
-    options = [FitOption(32, "fp16", "free"), FitOption(32, "fp16", "fp8")]
+    # Two widths K, so that the option "row" is a different group in each layer.
+    weights = {"a": torch.randn(16, 64, generator=g), "b": torch.randn(8, 96, generator=g)}
+    grams = {name: torch.eye(W.shape[1], dtype=torch.float64) for name, W in weights.items()}
+    options = [FitOption(32, "fp16", "free"), FitOption(32, "fp16", "fp8"), FitOption("row", "fp16", "free")]
     table = score_layers(weights, grams, [4, 6, 8], options, True, fits_dir=tmp_path / "fits")
     table["alpha"] = 1.0
     write_packed(load_fits(tmp_path / "fits", dict.fromkeys(weights, "b6.g32.fp16.free")), tmp_path / "packed", "fam")
     _, plans = budget_sweep(table, [7.0, 9.0])
-    quantization = {"group": 32, "scale_format": "fp16", "mode": "free", "error_feedback": True}
+    # The search names one option more than was scored (row, fp8): it has no stored fits to show.
+    quantization = {"group": 32, "scale_format": "fp16", "mode": "free", "error_feedback": True,
+                    "search": {"groups": [32, "row"], "modes": ["free", "fp8"]}}
     variants = build_variants(
         shapes(weights), tmp_path / "packed", quantization, fits_dir=tmp_path / "fits",
         sensitivity=table, sweep_plans=plans, comparisons={"ef_baselines": True, "uniform_without_ef": True},
     )
     hats = made(variants, weights, grams)
-    assert set(variants) == {"sop_promoted", "sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9",
-                             "sop6_no_ef", *BASELINES, *EF_BASELINES}
+    assert set(variants) == {"sop_promoted", "sop6", "sop6[g32.fp16.fp8]", "sop6[row.fp16.free]", "sop_promoted@7",
+                             "sop_promoted@9", "sop6_no_ef", *BASELINES, *EF_BASELINES}
     # The stored fits are what a fresh fit gives.
     fresh = quantize_layer(weights["a"], torch.eye(64, dtype=torch.float64), 6, 32, "fp16")
     assert torch.equal(hats["sop6"]["a"][0], fresh.dequantize())
@@ -105,7 +108,7 @@ def test_variants_from_stored_fits_sweep_and_comparisons(tmp_path):
     # Stored fits carry the sensitivity table's errors, which are those of the layer they give;
     # the packed plan and the fitted or rounded variants carry none (evaluate measures them).
     per_layer = layer_table(weights, grams, hats)
-    for variant in ("sop6", "sop6[g32.fp16.fp8]", "sop_promoted@7", "sop_promoted@9"):
+    for variant in ("sop6", "sop6[g32.fp16.fp8]", "sop6[row.fp16.free]", "sop_promoted@7", "sop_promoted@9"):
         for layer in weights:
             carried = hats[variant][layer].errors
             fresh_errors = per_layer.set_index(["variant", "layer"]).loc[(variant, layer), ["e_out", "mse", "acos"]]
