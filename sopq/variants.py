@@ -97,8 +97,8 @@ def _error_feedback(grid_of, layer: LayerInput) -> MadeLayer:
 # variant; a stored fit (errors known from sensitivity) ~0.1 to load; the packed plan or a
 # fixed-format rounding or a stored fit rounded again without error feedback ~0.15 plus ~0.6 for
 # the errors' dW H matmuls; error feedback ~0.8 plus the errors; a fit without error feedback
-# ~2.2 plus the errors. The layers' GPTQ factor (~1.4)
-# is computed by every worker that has a variant needing it.
+# ~2.2 plus the errors. The layers' GPTQ factor (~1.4) is computed by every worker that has a
+# variant needing it.
 FORWARD_COST = 0.5
 MAKE_COST = {_stored_fit: 0.1, _stored_without_feedback: 0.75, _packed: 0.75, _rounded: 0.75, _error_feedback: 1.4,
              _fitted: 2.8}
