@@ -134,5 +134,9 @@ def dequantize(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor
     if codebook.dim() != 1:
         raise ValueError(f"codebook must be 1-D, got shape {tuple(codebook.shape)}")
     values = codebook.to(torch.float32)[codes.long()]
-    per_weight_scale = scales.to(torch.float32).repeat_interleave(group, dim=1)[:, :k]
-    return per_weight_scale * values
+    return per_weight(scales.to(torch.float32), group, k) * values
+
+
+def per_weight(scales: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """(N, G) group scales repeated to one per weight, (N, K)."""
+    return scales.repeat_interleave(group, dim=1)[:, :k]

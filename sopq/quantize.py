@@ -19,7 +19,7 @@ import torch
 from scipy.linalg.lapack import strtri
 
 from sopq.formats import FP8_E4M3_MAX, decode_scales, encode_scales, num_groups, round_scales
-from sopq.packing import dequantize
+from sopq.packing import dequantize, per_weight
 
 MODES = ("free", "fp8")
 # Histogram resolution of the free-mode clustering: BINS_PER_CODE bins per entry within
@@ -475,7 +475,7 @@ def quantize_layer(
 
 def _full_scales(stored: torch.Tensor, scale_format: str, group: int, k: int) -> torch.Tensor:
     """The stored (N, G) group scales as float32 (N, K), one per weight."""
-    return decode_scales(stored, scale_format).repeat_interleave(group, dim=1)[:, :k]
+    return per_weight(decode_scales(stored, scale_format), group, k)
 
 
 def without_error_feedback(W: torch.Tensor, q: QuantizedLayer) -> QuantizedLayer:
