@@ -120,11 +120,6 @@ class NearestCode:
         return torch.where(above, self.past.index_select(0, cell), self.lut.index_select(0, cell)).view(u.shape)
 
 
-def nearest_code(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of a sorted codebook for every element of u (see NearestCode)."""
-    return NearestCode(codebook)(u)
-
-
 @functools.lru_cache(maxsize=16)
 def _dp_passes(rows: int) -> tuple[tuple[np.ndarray, ...], ...]:
     """The passes of _monotone_min_plus over rows 1..rows-1: (rows solved, the nearest rows solved

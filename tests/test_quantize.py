@@ -10,13 +10,13 @@ from sopq.metrics import layer_errors
 from sopq.formats import decode_scales
 from sopq.quantize import (
     E4M3_VALUES,
+    NearestCode,
     _contiguous_clusters,
     _fp8_codebook,
     _output_error_change,
     fit_scales_and_codebook,
     gptq_round,
     inverse_cholesky,
-    nearest_code,
     quantize_layer,
     weighted_codebook,
     without_error_feedback,
@@ -24,7 +24,7 @@ from sopq.quantize import (
 
 
 def weighted_sse(values, weights, codebook):
-    q = nearest_code(values, codebook)
+    q = NearestCode(codebook)(values)
     return (weights * (values - codebook[q]) ** 2).sum().item()
 
 
@@ -265,7 +265,7 @@ def test_nearest_code_agrees_with_bucketize_except_exact_ties(distinct, repeats,
     u = torch.tensor(values + codebook.tolist())
     midpoints = (codebook[1:] + codebook[:-1]) / 2
     expected = torch.bucketize(u, midpoints)
-    got = nearest_code(u, codebook)
+    got = NearestCode(codebook)(u)
     differ = got != expected
     # Only values within float rounding of a midpoint (a tie: both entries equally near) may differ.
     to_midpoint = (u[differ, None] - midpoints).abs().min(-1).values if differ.any() else torch.zeros(0)
@@ -282,7 +282,7 @@ def test_alternation_never_raises_the_weighted_error():
     for rounds in (1, 2, 4):
         codebook, stored = fit_scales_and_codebook(W, h, 5, 32, "fp16", max_alternations=rounds)
         s = decode_scales(stored, "fp16").repeat_interleave(32, dim=1)
-        W_hat = s * codebook[nearest_code(W / s, codebook)]
+        W_hat = s * codebook[NearestCode(codebook)(W / s)]
         errors.append((h.float() * (W - W_hat) ** 2).sum().item())
     assert errors[1] <= errors[0] * (1 + 1e-6) and errors[2] <= errors[1] * (1 + 1e-6)
 
