@@ -111,6 +111,25 @@ def test_contiguous_clusters_match_reference_dp(kind, bins, size):
         assert edges.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("bins,size", [(256, 16), (256, 64), (512, 64), (2048, 64)])
+def test_contiguous_clusters_work_is_near_bins_times_layers(monkeypatch, bins, size):
+    """The DP evaluates about bins * (size - 1) * passes run costs (passes = ceil(log_8 bins), 3
+    at the pipeline's 512-bin cap), never the dense bins^2 / 2 per layer."""
+    import sopq.quantize as quantize
+
+    evaluated = []
+    solve = quantize._monotone_min_plus
+
+    def counting(prev, cost, prev_split):
+        return solve(prev, lambda t, j: evaluated.append(t.size) or cost(t, j), prev_split)
+
+    monkeypatch.setattr(quantize, "_monotone_min_plus", counting)
+    c0, c1, c2 = random_histogram(np.random.default_rng(bins), "gaussian", bins)
+    _contiguous_clusters(c0, c1, c2, size)
+    passes = len(quantize._dp_passes(bins + 1))
+    assert sum(evaluated) <= 2 * passes * bins * (size - 1) < bins * bins / 2 * (size - 1)
+
+
 def reference_fp8(v, w, size):
     """Plain O(candidates^2 * size) DP over the E4M3 values, each gap costed item by item."""
     grid = E4M3_VALUES.double().numpy()
