@@ -6,13 +6,16 @@ small grid of launch configurations, to tune launch_config). Times are medians o
 triton.testing.do_bench_cudagraph over a CUDA graph that calls each method once on each of
 enough copies of its weights (>= ROTATE_BYTES) that L2 holds none of them between calls, divided
 by the number of copies: no Python launch overhead in any method's time. Before timing, every lut_matmul configuration is checked against an fp32
-product with W_hat dequantized on the CPU (outputs poisoned with NaN first).
+product with W_hat dequantized on the CPU (outputs poisoned with NaN first). --baseline times
+another version of kernels/lut_matmul.py (e.g. main's checkout) with its own automatic
+configuration in the same run, checked the same way.
 
-    python kernels/bench_lut_matmul.py [--sweep] [--out results.json]
+    python kernels/bench_lut_matmul.py [--sweep] [--out results.json] [--baseline path/to/lut_matmul.py]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import time
@@ -73,10 +76,27 @@ def short(config: LaunchConfig) -> str:
             f"w{config.num_warps} p{config.num_stages}")
 
 
+def load_baseline(path: str):
+    """Another version of kernels/lut_matmul.py, imported under its own name."""
+    spec = importlib.util.spec_from_file_location("baseline_lut_matmul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / (bench_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def check_error(out: torch.Tensor, x: torch.Tensor, w_hat: torch.Tensor, what: str) -> float:
+    """Relative error of a product against fp32 x @ W_hat^T; stops the run if it is wrong."""
+    ref = x.float() @ w_hat.T
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:
+        raise SystemExit(f"WRONG: {what} rel err {err}")
+    return err
 
 
 def main() -> None:
@@ -87,7 +107,9 @@ def main() -> None:
     parser.add_argument("--shape-index", default=None, help="comma-separated indices into SHAPES (default: the first --shapes)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--check-shapes", type=int, default=len(SHAPES), help="check correctness on the first few shapes")
+    parser.add_argument("--baseline", default=None, help="another lut_matmul.py to time in the same run")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -135,20 +157,29 @@ def main() -> None:
                         raise
                     continue  # a swept configuration this card cannot run (shared memory)
                 if check:
-                    ref = x.float() @ w_hat.T
-                    err = ((out.float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:
-                        raise SystemExit(f"WRONG: {config} on {(m, n, k)} rel err {err}")
+                    err = check_error(out, x, w_hat, f"{config} on {(m, n, k)}")
                 results[config] = graph_us(
                     lambda b: lut_matmul(x, b[0], codebook, b[1], bits=BITS, group=GROUP, n=n, k=k, config=config), luts)
+            t_base = float("nan")
+            if baseline:
+                base_config = baseline.launch_config(m, n, k, BITS, interpreted=False)
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+                baseline.lut_matmul(x, words0, codebook, scales0, bits=BITS, group=GROUP, n=n, k=k, out=out,
+                                    config=base_config)
+                if check:
+                    check_error(out, x, w_hat, f"baseline {base_config} on {(m, n, k)}")
+                t_base = graph_us(lambda b: baseline.lut_matmul(x, b[0], codebook, b[1], bits=BITS, group=GROUP, n=n,
+                                                                k=k, config=base_config), luts)
             best = min(results, key=results.get)
-            row = dict(n=n, k=k, m=m, fp16_us=t_fp16, fp8_us=t_fp8, lut_us=results[auto], err=err,
+            row = dict(n=n, k=k, m=m, fp16_us=t_fp16, fp8_us=t_fp8, lut_us=results[auto], err=err, baseline_us=t_base,
                        best_us=results[best], best=short(best), auto=short(auto),
                        configs={short(c): us for c, us in results.items()},
                        lut_tb_s=lut_bytes / (results[auto] * 1e-6) / 1e12)
             rows.append(row)
             print(f"{'ok' if check else 'unchecked'} N={n:6d} K={k:6d} M={m:5d}  fp16 {t_fp16:8.1f}us  fp8 {t_fp8:8.1f}us  lut {results[auto]:8.1f}us "
-                  f"x{t_fp16 / results[auto]:5.2f}  ({row['lut_tb_s']:.2f} TB/s weights)"
+                  f"x{t_fp16 / results[auto]:5.2f}  ({row['lut_tb_s']:.2f} TB/s weights) {short(auto)}"
+                  + (f"  baseline {t_base:8.1f}us x{t_fp16 / t_base:5.2f}, speed-up x{t_base / results[auto]:5.2f}"
+                     if baseline else "")
                   + (f"  best x{t_fp16 / results[best]:5.2f} {short(best)}" if args.sweep else ""), flush=True)
             if args.out:  # after every row, so a run cut short keeps what it measured
                 with open(args.out, "w") as f:

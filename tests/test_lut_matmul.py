@@ -231,6 +231,27 @@ def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group,
     assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
 
 
+@pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_wgmma_kernel_pair_table_is_exact(split_k):
+    # 6-bit codes go through the pair table: every one of its 4096 (even k, odd k) code pairs
+    # occurs (8 times or more), the codebook holds distinct small integers and the scales are 1,
+    # and row m of x sums the weights at k = m mod 16. Every sum is an integer below 2^11, so the
+    # product is exact in fp16: any wrong entry, swapped half or misplaced field changes some output.
+    n, k, m = 130, 512, 16
+    pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
+    codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
+    codebook = (torch.randperm(64, generator=torch.Generator().manual_seed(split_k)) - 32).float()
+    scales = torch.ones(n, 4, dtype=torch.float16)
+    x = (torch.arange(k)[None, :] % 16 == torch.arange(m)[:, None]).half()
+    words = pack_codes(codes, 6)
+    args = dict(bits=6, group=128, n=n, k=k)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.half().to(DEVICE), scales.to(DEVICE), out=out,
+               config=LaunchConfig("wgmma", 16, 64, 128, split_k=split_k), **args)
+    assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
+
+
 @pytest.mark.parametrize("bits, k, group", [(7, 512, 128), (6, 600, 128), (6, 512, 64)])
 def test_wgmma_kernel_rejects_what_it_cannot_take(bits, k, group):
     # 7 bits, K not a multiple of 128, two groups in a K tile; on CPU nothing fits.
