@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import math
+import sys
 import time
 
 import torch
@@ -80,6 +81,7 @@ def load_baseline(path: str):
     """Another version of kernels/lut_matmul.py, imported under its own name."""
     spec = importlib.util.spec_from_file_location("baseline_lut_matmul", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

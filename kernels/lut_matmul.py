@@ -366,9 +366,9 @@ def _lut_dequant_kernel(
 _G_RANK = 7
 
 
-def _axis_layout(layout, dim: int, rank: int = _G_RANK):
-    """The 1-D layout of dimension `dim` of a rank-D layout (the others sliced away)."""
-    for d in reversed(range(rank)):
+def _axis_layout(layout, dim: int):
+    """The 1-D layout of dimension `dim` of a _G_RANK-D layout (the others sliced away)."""
+    for d in reversed(range(_G_RANK)):
         if d != dim:
             layout = gl.SliceLayout(d, layout)
     return gl.constexpr(layout)
@@ -384,144 +384,73 @@ _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
 _G_ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
 _G_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_G_ACC, k_width=2))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
-# 6-bit codes take a pair table instead (_g_decode_pairs): the words as 8-D tensors
-# (warp, h, r, b, sp, jh, jq, e), j = 8 jh + 2 jq + e, so that gl.split separates the words of
-# even and odd k (e) of one A-fragment register; the pair offsets as 7-D (e gone).
-_G_PAIR_WORDS_LAYOUT = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 1, 2], [1, 1, 8, 1, 1, 1, 4, 1],
-                                        [4, 1, 1, 1, 1, 1, 1, 1], list(reversed(range(8))))
-_G_PAIRS_LAYOUT = gl.BlockedLayout([1, 2, 1, 4, 2, 2, 1], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
-_G_PAIRS = gl.constexpr(_G_PAIRS_LAYOUT)
-_G_PW0, _G_PW1, _G_PW2, _G_PW5, _G_PW6, _G_PW7 = (_axis_layout(_G_PAIR_WORDS_LAYOUT, d, 8) for d in (0, 1, 2, 5, 6, 7))
-_G_P3, _G_P4 = (_axis_layout(_G_PAIRS_LAYOUT, d) for d in (3, 4))
-# The pair table's entries as (b_hi, a_hi, b_lo bit 3, t): the 32 entries that thread t fills
-# (_g_fill_pair_table).
-_G_FILL_LAYOUT = gl.BlockedLayout([4, 4, 2, 1], [1, 1, 1, 32], [1, 1, 1, 4], [3, 2, 1, 0])
-_G_F0, _G_F1, _G_F2, _G_F3 = (_axis_layout(_G_FILL_LAYOUT, d, 4) for d in range(4))
-# The pair table: a static shared-memory array declared in PTX, 4096 entries of 4 bytes (Triton
-# 3.6's Gluon has no indexed shared-memory load). Its address is a constant that ptxas folds
-# into each load (LDS [R + UR]).
-_PAIR_TABLE_ASM = gl.constexpr(".shared .align 16 .b8 sopq_pair_table[16384];\nmov.b32 $0, 0;")
-_PAIR_STORE_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_pair_table; mad.lo.u32 a, $1, 4, a; "
-                               "st.shared.b32 [a], $2; }\nmov.b32 $0, 0;")
-_PAIR_LOAD_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_pair_table; mad.lo.u32 a, $1, 4, a; "
-                              "ld.shared.b32 $0, [a]; }")
+# The codebook's copy in shared memory: a static array declared in PTX, whose address is a
+# constant that ptxas folds into every lookup (LDS [R + UR]), so the decode's byte offsets need
+# no address arithmetic (gl.gather computed base + 2 code per lookup and stored its own copy of
+# the table, with two barriers, at every K tile). Triton 3.6's Gluon has no indexed shared load.
+_TABLE_ASM = gl.constexpr(".shared .align 16 .b8 sopq_codebook[128];\nmov.b32 $0, 0;")
+_TABLE_STORE_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u32 a, a, $1; st.shared.b16 [a], $2; }"
+                                "\nmov.b32 $0, 0;")
+_TABLE_LOAD_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u32 a, a, $1; ld.shared.b16 $0, [a]; }")
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later versions, async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 G_BLOCK_M, G_BLOCK_N, G_BLOCK_K = gl.constexpr(16), gl.constexpr(64), gl.constexpr(128)
 
 
 @gluon.jit
-def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr, RANK: gl.constexpr = 7):
-    """arange(0, N) along dimension DIM of a RANK-D tensor whose layout has AXIS_LAYOUT as that
+def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr):
+    """arange(0, N) along dimension DIM of a 7-D tensor whose layout has AXIS_LAYOUT as that
     dimension's 1-D layout (_axis_layout), size 1 elsewhere."""
     x = gl.arange(0, N, layout=AXIS_LAYOUT)
-    for d in gl.static_range(RANK):
+    for d in gl.static_range(7):  # _G_RANK
         if d != DIM:
             x = gl.expand_dims(x, d)
     return x
 
 
 @gluon.jit
-def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.constexpr = True):
-    """The words of one plane for K tile k0 (in the layout of rows and j), with ALIGN shifted so
-    that the tile's 8 fields start at bit 0 (a plane of 32 / WIDTH > 8 fields per word serves
-    several K tiles)."""
+def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr):
+    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS_LAYOUT), shifted so that the tile's 8 fields
+    start at bit 0 (a plane of 32 / WIDTH > 8 fields per word serves several K tiles)."""
     PER_WORD: gl.constexpr = 32 // WIDTH
     words = gl.load(plane + rows * row_words + k0 // (16 * PER_WORD) * 16 + j)
-    if ALIGN and PER_WORD > 8:
+    if PER_WORD > 8:
         words = words >> (k0 // 128 % (PER_WORD // 8) * (8 * WIDTH))
     return words
 
 
 @gluon.jit
-def _g_decode(words0, words1, table, W1: gl.constexpr):
-    """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
-    in _codes: byte b of quads holds field 2 b + sp."""
-    b = _index(4, 3, _G_C3)
-    sp = _index(2, 4, _G_C4)
-    quads = (gl.convert_layout(words0, _G_CODES) >> (4 * sp)) & 0x0F0F0F0F
-    if W1 == 2:
-        # Bytes (b0, b0, b1, b1) of the 2-bit plane's word (_byte_pairs).
-        pairs = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [gl.convert_layout(words1, _G_CODES)],
-                                          dtype=gl.int32, is_pure=True, pack=1)
-        quads |= ((pairs << (4 - 2 * sp)) & 0x00300030) | ((pairs >> (2 * sp)) & 0x30003000)
-    # Byte b of every quad, zero-extended: one prmt (selector 0x4440 + b).
-    codes = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [quads, 0x4440 + b],
-                                      dtype=gl.int32, is_pure=True, pack=1)
-    if W1 == 1:
-        codes |= ((gl.convert_layout(words1, _G_CODES) >> (2 * b + sp)) & 1) << 4
-    flat = gl.reshape(codes, [G_BLOCK_N * G_BLOCK_K])
-    w = gl.reshape(gl.gather(table, flat, 0), [G_BLOCK_N, G_BLOCK_K])
-    return gl.convert_layout(w, _G_A)
-
-
-@gluon.jit
-def _g_fill_pair_table(table_ptr):
-    """Declare the pair table (_PAIR_TABLE_ASM) and fill it from the codebook at table_ptr.
-
-    Entry e = a_lo | b_lo << 4 | a_hi << 8 | b_hi << 10 holds the two 16-bit codebook values of
-    codes a = a_lo | a_hi << 4 (low half: the even k) and b = b_lo | b_hi << 4 (high half):
-    the order in which _g_decode_pairs assembles e. Thread t fills e = t + 128 i (lanes write
-    consecutive words: no bank conflicts), which takes 4 values of a and 8 of b."""
+def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
+    """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr."""
     # Declared once per thread (one element each), before any use.
-    gl.inline_asm_elementwise(_PAIR_TABLE_ASM, "=r,r", [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32,
+    gl.inline_asm_elementwise(_TABLE_ASM, "=r,r", [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32,
                               is_pure=False, pack=1)
-    t = _index(128, 3, _G_F3, 4)
-    a_hi = _index(4, 1, _G_F1, 4)
-    b_3 = _index(2, 2, _G_F2, 4)
-    b_hi = _index(4, 0, _G_F0, 4)
-    a = gl.load(table_ptr + ((t & 15) | a_hi << 4)).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    b = gl.load(table_ptr + ((t >> 4) | b_3 << 3 | b_hi << 4)).to(gl.int16, bitcast=True).to(gl.int32)
-    e = t + 128 * b_3 + 256 * a_hi + 1024 * b_hi
-    gl.inline_asm_elementwise(_PAIR_STORE_ASM, "=r,r,r", [e, a | b << 16], dtype=gl.int32, is_pure=False, pack=1)
+    entry = gl.arange(0, TABLE_SIZE, layout=_G_TABLE)
+    gl.inline_asm_elementwise(_TABLE_STORE_ASM, "=r,r,h", [entry * 2, gl.load(table_ptr + entry)], dtype=gl.int32,
+                              is_pure=False, pack=1)
     gl.thread_barrier()
 
 
 @gluon.jit
-def _bit_select(a, b, mask):
-    """(a & mask) | (b & ~mask): one lop3 (ptxas makes two of the two-mask form)."""
-    return gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xE4;", "=r,r,r,r", [a, b, mask], dtype=gl.int32,
-                                     is_pure=True, pack=1)
-
-
-@gluon.jit
-def _g_decode_pairs(words0, words1, k0, DTYPE: gl.constexpr):
-    """6-bit codes: the K tile's codebook values (x's dtype) in the wgmma A layout, looked up two
-    at a time. words0 / words1 are the 4-bit / 2-bit plane words as 8-D tensors (_G_PAIR_WORDS),
-    the 2-bit ones unshifted (fields of K tiles k0 and k0 + 128 share them).
-
-    The two codes of one A-fragment register (k even, k + 1) are field f of words j and j + 1 of
-    their row (e = 0, 1 after gl.split). Bytewise selects merge both words' fields: one byte per
-    pair for the low nibbles (f = 0, 2, 4, 6 in bytes 0-3 of one word, odd f in another), one
-    nibble per pair for the 2-bit fields, spread to bytes. Then one prmt per pair assembles the
-    12-bit entry index e (_g_fill_pair_table) from a byte of each (its upper bytes zero: the sign
-    of a byte below 0x80), and one 32-bit shared load returns the register of two values."""
-    low_a, low_b = gl.split(words0)
-    high_a, high_b = gl.split(words1)
-    low_even = _bit_select(low_a, low_b << 4, 0x0F0F0F0F)
-    low_odd = _bit_select(low_a >> 4, low_b, 0x0F0F0F0F)
-    # Nibble n of these: a's and b's field 2 n (even) or 2 n + 1 (odd) of the word's 16.
-    even = _bit_select(high_a, high_b << 2, 0x33333333)
-    odd = _bit_select(high_a >> 2, high_b, 0x33333333)
-    # This K tile's half of each: nibble m of high is field 2 m (m < 4) or 2 (m - 4) + 1 of the tile.
-    half = k0 // 128 % 2
-    high = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [even, odd, 0x5410 + half * 0x2222],
-                                     dtype=gl.int32, is_pure=True, pack=1)
-    # Byte i: nibble 2 i (f = 0, 4, 1, 5) or 2 i + 1 (f = 2, 6, 3, 7).
-    high_even = high & 0x0F0F0F0F
-    high_odd = (high >> 4) & 0x0F0F0F0F
-    b = _index(4, 3, _G_P3)
-    sp = _index(2, 4, _G_P4)
-    low = gl.where(sp == 1, gl.convert_layout(low_odd, _G_PAIRS), gl.convert_layout(low_even, _G_PAIRS))
-    high = gl.where(b % 2 == 1, gl.convert_layout(high_odd, _G_PAIRS), gl.convert_layout(high_even, _G_PAIRS))
-    # Field f = 2 b + sp: byte b of low, byte b // 2 + 2 sp of high (prmt's byte 4 + that); bytes 2
-    # and 3 replicate the sign bit of that byte of high (selector 8 + 4 + that), which is 0.
-    high_byte = b // 2 + 2 * sp
-    entry = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
-                                      [low, high, b + (4 + high_byte) * 0x10 + (12 + high_byte) * 0x1100],
-                                      dtype=gl.int32, is_pure=True, pack=1)
-    entries = gl.join(entry, entry)
-    w = gl.inline_asm_elementwise(_PAIR_LOAD_ASM, "=r,r,r", [entries], dtype=DTYPE.value, is_pure=True, pack=2)
+def _g_decode(words0, words1, W1: gl.constexpr, DTYPE: gl.constexpr):
+    """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
+    in _codes, but each byte b of quads holds twice the code of field 2 b + sp: the byte offset
+    of its entry in the shared table, which one prmt extracts and the load takes as it is."""
+    b = _index(4, 3, _G_C3)
+    sp = _index(2, 4, _G_C4)
+    words0 = gl.convert_layout(words0, _G_CODES)
+    quads = gl.where(sp == 0, words0 << 1, words0 >> 3) & 0x1E1E1E1E
+    if W1 == 2:
+        # Bytes (b0, b0, b1, b1) of the 2-bit plane's word (_byte_pairs), fields to bits 5-6.
+        pairs = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [gl.convert_layout(words1, _G_CODES)],
+                                          dtype=gl.int32, is_pure=True, pack=1)
+        quads |= ((pairs << (5 - 2 * sp)) & 0x00600060) | (gl.where(sp == 0, pairs << 1, pairs >> 1) & 0x60006000)
+    # Byte b of every quad, zero-extended: one prmt (selector 0x4440 + b).
+    offsets = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [quads, 0x4440 + b],
+                                        dtype=gl.int32, is_pure=True, pack=1)
+    if W1 == 1:
+        offsets |= ((gl.convert_layout(words1, _G_CODES) >> (2 * b + sp)) & 1) << 5
+    w = gl.inline_asm_elementwise(_TABLE_LOAD_ASM, "=h,r", [offsets], dtype=DTYPE.value, is_pure=True, pack=1)
     return gl.convert_layout(gl.reshape(w, [G_BLOCK_N, G_BLOCK_K]), _G_A)
 
 
@@ -536,9 +465,7 @@ def _lut_wgmma_kernel(
     group per K tile (scale_mode 3): each K tile's dot takes the bare codebook values (x's dtype)
     and its result is scaled per weight row. x tiles come by TMA into a ring of STAGES
     shared-memory slots (rows past M read 0); the words of the next K tile are loaded into
-    registers while this one is decoded. 6-bit codes (W1 = 2) are looked up in pairs
-    (_g_decode_pairs), the others one at a time (_g_decode)."""
-    PAIRS: gl.constexpr = W1 == 2
+    registers while this one is decoded."""
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -546,16 +473,10 @@ def _lut_wgmma_kernel(
     tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
     k_last = k_start + (tiles - 1) * G_BLOCK_K
     # Rows past N read row N - 1 and are not stored.
-    if PAIRS:
-        _g_fill_pair_table(table_ptr)
-        rows = (pid_n * G_BLOCK_N + _index(4, 0, _G_PW0, 8) * 16 + _index(2, 1, _G_PW1, 8) * 8
-                + _index(8, 2, _G_PW2, 8))
-        j = _index(2, 5, _G_PW5, 8) * 8 + _index(4, 6, _G_PW6, 8) * 2 + _index(2, 7, _G_PW7, 8)
-    else:
-        table = gl.load(table_ptr + gl.arange(0, TABLE_SIZE, layout=_G_TABLE))
-        rows = pid_n * G_BLOCK_N + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
-        j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
+    rows = pid_n * G_BLOCK_N + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
     rows = gl.minimum(rows, N - 1).to(gl.int64)
+    j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
+    _g_fill_table(table_ptr, TABLE_SIZE)
     offs_n = pid_n * G_BLOCK_N + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
     scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
 
@@ -572,7 +493,7 @@ def _lut_wgmma_kernel(
     words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
     words1 = words0
     if W1 > 0:
-        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1, not PAIRS)
+        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
         # The last tile reloads its own words (unused) rather than read past its split.
@@ -580,7 +501,7 @@ def _lut_wgmma_kernel(
         next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
         next1 = next0
         if W1 > 0:
-            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1, not PAIRS)
+            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1)
         # The slot of tile i + STAGES - 1 held tile i - 1, whose (synchronous) wgmma is done.
         ahead = i + STAGES - 1
         if ahead < tiles:
@@ -593,10 +514,7 @@ def _lut_wgmma_kernel(
             scale = gl.exp2(stored.to(gl.float32) - 127.0)
         else:
             scale = stored.to(gl.float32)
-        if PAIRS:
-            a = _g_decode_pairs(words0, words1, k0, table_ptr.dtype.element_ty)
-        else:
-            a = _g_decode(words0, words1, table, W1)
+        a = _g_decode(words0, words1, W1, table_ptr.dtype.element_ty)
         mbarrier.wait(bars.index(i % STAGES), i // STAGES % 2)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False)

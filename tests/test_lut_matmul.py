@@ -233,11 +233,12 @@ def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group,
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_wgmma_kernel_pair_table_is_exact(split_k):
-    # 6-bit codes go through the pair table: every one of its 4096 (even k, odd k) code pairs
-    # occurs (8 times or more), the codebook holds distinct small integers and the scales are 1,
-    # and row m of x sums the weights at k = m mod 16. Every sum is an integer below 2^11, so the
-    # product is exact in fp16: any wrong entry, swapped half or misplaced field changes some output.
+def test_wgmma_kernel_is_exact_on_small_integers(split_k):
+    # 6-bit codes enumerate all 4096 (even k, odd k) code pairs (each 8 times or more, both
+    # halves of every 2-bit plane word), the codebook holds distinct small integers, the scales
+    # are 1, and row m of x sums the weights at k = m mod 16. Every sum is an integer below 2^11,
+    # so the product is exact in fp16: any wrong code, swapped pair or misplaced field changes
+    # some output, where a relative-error bound could let a few slip through.
     n, k, m = 130, 512, 16
     pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
     codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
