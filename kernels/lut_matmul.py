@@ -409,12 +409,13 @@ def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr):
-    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS_LAYOUT), shifted so that the tile's 8 fields
-    start at bit 0 (a plane of 32 / WIDTH > 8 fields per word serves several K tiles)."""
+def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.constexpr = True):
+    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS_LAYOUT), with
+    ALIGN shifted so that the tile's 8 fields start at bit 0 (a plane of 32 / WIDTH > 8 fields per
+    word serves several K tiles)."""
     PER_WORD: gl.constexpr = 32 // WIDTH
     words = gl.load(plane + rows * row_words + k0 // (16 * PER_WORD) * 16 + j)
-    if PER_WORD > 8:
+    if ALIGN and PER_WORD > 8:
         words = words >> (k0 // 128 % (PER_WORD // 8) * (8 * WIDTH))
     return words
 
@@ -432,19 +433,23 @@ def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
 
 
 @gluon.jit
-def _g_decode(words0, words1, W1: gl.constexpr, DTYPE: gl.constexpr):
+def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
     """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
     in _codes, but each byte b of quads holds twice the code of field 2 b + sp: the byte offset
-    of its entry in the shared table, which one prmt extracts and the load takes as it is."""
+    of its entry in the shared table, which one prmt extracts and the load takes as it is.
+    A 2-bit plane's words come unshifted (_g_words ALIGN false): K tile k0 is half k0 // 128 % 2."""
     b = _index(4, 3, _G_C3)
     sp = _index(2, 4, _G_C4)
     words0 = gl.convert_layout(words0, _G_CODES)
     quads = gl.where(sp == 0, words0 << 1, words0 >> 3) & 0x1E1E1E1E
     if W1 == 2:
-        # Bytes (b0, b0, b1, b1) of the 2-bit plane's word (_byte_pairs), fields to bits 5-6.
-        pairs = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1100;", "=r,r", [gl.convert_layout(words1, _G_CODES)],
-                                          dtype=gl.int32, is_pure=True, pack=1)
-        quads |= ((pairs << (5 - 2 * sp)) & 0x00600060) | (gl.where(sp == 0, pairs << 1, pairs >> 1) & 0x60006000)
+        # Byte b of spread: byte b // 2 of this tile's half of the word, shifted right by 4 for
+        # odd b, so that field 2 b + sp sits at bits 2 sp of every byte: one shift to bits 5-6.
+        words1 = gl.convert_layout(words1, _G_CODES)
+        spread = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                           [words1, words1 >> 4, 0x5140 + k0 // 128 % 2 * 0x2222],
+                                           dtype=gl.int32, is_pure=True, pack=1)
+        quads |= (spread << (5 - 2 * sp)) & 0x60606060
     # Byte b of every quad, zero-extended: one prmt (selector 0x4440 + b).
     offsets = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [quads, 0x4440 + b],
                                         dtype=gl.int32, is_pure=True, pack=1)
@@ -493,7 +498,7 @@ def _lut_wgmma_kernel(
     words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
     words1 = words0
     if W1 > 0:
-        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1)
+        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1, W1 != 2)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
         # The last tile reloads its own words (unused) rather than read past its split.
@@ -501,7 +506,7 @@ def _lut_wgmma_kernel(
         next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
         next1 = next0
         if W1 > 0:
-            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1)
+            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1, W1 != 2)
         # The slot of tile i + STAGES - 1 held tile i - 1, whose (synchronous) wgmma is done.
         ahead = i + STAGES - 1
         if ahead < tiles:
@@ -514,7 +519,7 @@ def _lut_wgmma_kernel(
             scale = gl.exp2(stored.to(gl.float32) - 127.0)
         else:
             scale = stored.to(gl.float32)
-        a = _g_decode(words0, words1, W1, table_ptr.dtype.element_ty)
+        a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty)
         mbarrier.wait(bars.index(i % STAGES), i // STAGES % 2)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False)
