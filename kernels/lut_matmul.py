@@ -12,9 +12,10 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
   Kernel "mma" computes x W_hat^T; "mma_w" (tiles of <= W_FIRST_MAX_BLOCK_M rows of x) computes
   y^T = W_hat x^T, so the decoded tile is the dot's first operand: on Hopper a 64-row wgmma
   whose weight operand comes from registers instead of a 16-row mma.sync.
-- _lut_wgmma_kernel (Gluon, Hopper; M <= WGMMA_MAX_M where wgmma_fits): "mma_w" with explicit
+- _lut_wgmma_kernel (Gluon, Hopper; small M, see launch_config, where wgmma_fits): "mma_w" with explicit
   register layouts, so that each thread loads and decodes exactly the weights it holds in the
-  wgmma A fragment and the decoded tile never passes through shared memory.
+  wgmma A fragment and the decoded tile never passes through shared memory; its codebook is a
+  static shared-memory array that the decode indexes by byte offsets (_g_decode).
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
@@ -564,9 +565,12 @@ class LaunchConfig:
 PANEL_MIN_M = 512
 # Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): on the H200,
 # 1.02-1.16x faster than "mma_w" at M = 1..8 on (8192, 8192), (28672, 8192) and (8192, 28672)
-# (0.99-1.10x on the smaller shapes at M = 1); at M = 16, 0.94x on (8192, 8192), 1.02-1.09x on the
-# others (kernels/BENCHMARKS.md).
+# (0.99-1.10x on the smaller shapes at M = 1) before its decode lost the LEAs, 1.04-1.08x more
+# since. Up to WGMMA_LARGE_MAX_M rows on layers of at least WGMMA_LARGE_MIN_WEIGHTS weights: at
+# M = 16 it was 1.06x and 1.15x of "mma_w" on (28672, 8192) and (8192, 28672), 0.91-0.97x on
+# (4096, 4096), (11008, 4096) and (8192, 8192), 1.06x on (4096, 11008) (kernels/BENCHMARKS.md).
 WGMMA_MAX_M = 8
+WGMMA_LARGE_MAX_M, WGMMA_LARGE_MIN_WEIGHTS = 16, 1 << 27
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
 # 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
@@ -640,7 +644,8 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
     # lut_matmul falls back to "mma_w" (same blocks) where the wgmma kernel does not fit.
-    kernel = "wgmma" if m <= WGMMA_MAX_M else mma_kernel(block_m)
+    wgmma = m <= WGMMA_MAX_M or (m <= WGMMA_LARGE_MAX_M and n * k >= WGMMA_LARGE_MIN_WEIGHTS)
+    kernel = "wgmma" if wgmma else mma_kernel(block_m)
     return LaunchConfig(kernel, block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
