@@ -423,7 +423,9 @@ def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.const
 
 @gluon.jit
 def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
-    """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr."""
+    """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr (threads
+    past TABLE_SIZE store a copy of an entry). The lookups (pure asm) take offsets decoded from
+    words loaded after the barrier, so they cannot move above it."""
     # Declared once per thread (one element each), before any use.
     gl.inline_asm_elementwise(_TABLE_ASM, "=r,r", [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32,
                               is_pure=False, pack=1)
