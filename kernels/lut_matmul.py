@@ -24,7 +24,6 @@ the time goes: kernels/BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -233,7 +232,8 @@ def _store_or_add(y_ptr, acc, offs_r, offs_c, R, C, stride_yr, stride_yc, SPLIT_
     y_ptrs = y_ptr + offs_r[:, None].to(tl.int64) * stride_yr + offs_c[None, :].to(tl.int64) * stride_yc
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
+        # Relaxed: see _lut_wgmma_kernel.
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -396,6 +396,8 @@ _TABLE_LOAD_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u32
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later versions, async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 G_BLOCK_M, G_BLOCK_N, G_BLOCK_K = gl.constexpr(16), gl.constexpr(64), gl.constexpr(128)
+# The wgmma kernel keeps x for its whole K split in shared memory: 16 x 1024 fp16, 32 KB a program.
+G_MAX_SPLIT_K = 1024
 
 
 @gluon.jit
@@ -422,10 +424,12 @@ def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.const
 
 
 @gluon.jit
-def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
-    """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr (threads
-    past TABLE_SIZE store a copy of an entry). The lookups (pure asm) take offsets decoded from
-    words loaded after the barrier, so they cannot move above it."""
+def _g_fill_table(table_ptr, words, TABLE_SIZE: gl.constexpr):
+    """Declare the codebook's shared-memory copy (_TABLE_ASM), fill it from table_ptr (threads
+    past TABLE_SIZE store a copy of an entry), and return `words` through an opaque move after
+    the barrier: the lookups (pure asm, invisible to the compiler as memory accesses) take
+    offsets decoded from them, so they cannot move above the barrier even though the words were
+    loaded before it."""
     # Declared once per thread (one element each), before any use.
     gl.inline_asm_elementwise(_TABLE_ASM, "=r,r", [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32,
                               is_pure=False, pack=1)
@@ -433,6 +437,7 @@ def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
     gl.inline_asm_elementwise(_TABLE_STORE_ASM, "=r,r,h", [entry * 2, gl.load(table_ptr + entry)], dtype=gl.int32,
                               is_pure=False, pack=1)
     gl.thread_barrier()
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [words], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -463,81 +468,87 @@ def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
 
 
 @gluon.jit
+def _g_scale(stored, SCALE_IS_E8M0: gl.constexpr):
+    """Stored scales (fp16, bf16 or e8m0 bytes) as fp32."""
+    if SCALE_IS_E8M0:
+        return gl.exp2(stored.to(gl.float32) - 127.0)
+    return stored.to(gl.float32)
+
+
+@gluon.jit
 def _lut_wgmma_kernel(
     x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr,
     M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
-    TABLE_SIZE: gl.constexpr, STAGES: gl.constexpr,
+    TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr,
 ):
     """y^T = W_hat x^T for codes of 4 + W1 bits (W1 in 0, 1, 2), K a multiple of 128 and one
     group per K tile (scale_mode 3): each K tile's dot takes the bare codebook values (x's dtype)
-    and its result is scaled per weight row. x tiles come by TMA into a ring of STAGES
-    shared-memory slots (rows past M read 0); the words of the next K tile are loaded into
-    registers while this one is decoded."""
+    and its result is scaled per weight row. The split's whole slice of x (X_TILES = k_per_split
+    / 128 tiles of 16 x 128) comes by TMA into shared memory once, before the loop: a ring
+    refilled every K tile cost three CTA barriers and the TMA bookkeeping per tile. The words
+    and scales of the next K tile are loaded into registers while this one is decoded."""
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
     k_start = pid_k * k_per_split
     tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
     k_last = k_start + (tiles - 1) * G_BLOCK_K
+    # x first: it comes from L2 while the words come from memory. Tiles past a short last split
+    # read x past K (zeros, counted in the bytes all the same) and are never used.
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, G_BLOCK_M, G_BLOCK_K], x_desc.layout)
+    x_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(x_ready, count=1)
+    mbarrier.expect(x_ready, X_TILES * x_desc.block_type.nbytes)
+    for i in gl.static_range(X_TILES):
+        _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], x_ready, x_smem.index(i))
+
     # Rows past N read row N - 1 and are not stored.
     rows = pid_n * G_BLOCK_N + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
     rows = gl.minimum(rows, N - 1).to(gl.int64)
     j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
-    _g_fill_table(table_ptr, TABLE_SIZE)
     offs_n = pid_n * G_BLOCK_N + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
     scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
-
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, G_BLOCK_M, G_BLOCK_K], x_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    for i in gl.static_range(STAGES - 1):
-        if i < tiles:
-            mbarrier.expect(bars.index(i), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], bars.index(i), x_smem.index(i))
-
-    acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
+    # The first tile's words and scales load while the table is filled (both from memory).
     words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
     words1 = words0
     if W1 > 0:
         words1 = _g_words(plane1, row_words1, rows, j, k_start, W1, W1 != 2)
+    stored = gl.load(scales_ptr + scale_rows + k_start // GROUP)
+    words0 = _g_fill_table(table_ptr, words0, TABLE_SIZE)
+    mbarrier.wait(x_ready, 0)
+
+    acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
-        # The last tile reloads its own words (unused) rather than read past its split.
+        # The last tile reloads its own words and scales (unused) rather than read past its split.
         k_next = gl.minimum(k0 + G_BLOCK_K, k_last)
         next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
         next1 = next0
         if W1 > 0:
             next1 = _g_words(plane1, row_words1, rows, j, k_next, W1, W1 != 2)
-        # The slot of tile i + STAGES - 1 held tile i - 1, whose (synchronous) wgmma is done.
-        ahead = i + STAGES - 1
-        if ahead < tiles:
-            slot = ahead % STAGES
-            mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + ahead * G_BLOCK_K], bars.index(slot),
-                      x_smem.index(slot))
-        stored = gl.load(scales_ptr + scale_rows + k0 // GROUP)
-        if SCALE_IS_E8M0:
-            scale = gl.exp2(stored.to(gl.float32) - 127.0)
-        else:
-            scale = stored.to(gl.float32)
+        stored_next = gl.load(scales_ptr + scale_rows + k_next // GROUP)
+        # ptxas sinks these loads to their first use (the next tile's decode) unless something
+        # orders them: a warp sync (a NOP in SASS) keeps them ahead of this tile's decode.
+        gl.inline_asm_elementwise("bar.warp.sync -1;\nmov.b32 $0, 0;", "=r,r", [gl.arange(0, 128, layout=_G_TABLE)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty)
-        mbarrier.wait(bars.index(i % STAGES), i // STAGES % 2)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
-        part = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False)
-        acc += part * gl.expand_dims(scale, 1)
+        part = warpgroup_mma(a, x_smem.index(i).permute((1, 0)), acc, use_acc=False)
+        acc += part * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0), 1)
         words0 = next0
         words1 = next1
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+        stored = stored_next
+    mbarrier.invalidate(x_ready)
 
     offs_m = pid_m * G_BLOCK_M + gl.arange(0, G_BLOCK_M, layout=gl.SliceLayout(0, _G_ACC))
     y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
               + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
     mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
     if SPLIT_K > 1:
-        gl.atomic_add(y_ptrs, acc, mask=mask)
+        # Relaxed: the sums need no ordering among themselves (the launch's end publishes them);
+        # the default acq_rel fenced every add with MEMBAR.GPU and invalidated L1 after it.
+        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
     else:
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -549,7 +560,7 @@ class LaunchConfig:
 
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
     first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
-    16 x 64 x 128 blocks and 4 warps, num_stages x tiles in flight); "panel" decodes panel_rows rows of W_hat at a time
+    16 x 64 x 128 blocks and 4 warps, splits of at most G_MAX_SPLIT_K; num_stages unused); "panel" decodes panel_rows rows of W_hat at a time
     (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
     and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
 
@@ -624,8 +635,9 @@ def wgmma_fits(x: torch.Tensor, bits: int, group: int, k: int) -> bool:
             and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> LaunchConfig:
-    """The configuration lut_matmul uses for an (m, k) x (k, n) product."""
+def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok: bool = True) -> LaunchConfig:
+    """The configuration lut_matmul uses for an (m, k) x (k, n) product; wgmma_ok: whether the
+    Gluon kernel can take it (wgmma_fits), else small M takes "mma_w" with the same blocks."""
     if interpreted:
         # The interpreter pays per program and per op, not per element: few, big tiles. A
         # 4864 x 896 6-bit layer at m = 4 cost 4.6 CPU s in tiles of 256 rows, 0.6 s in one tile.
@@ -645,10 +657,9 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool) -> Launc
     # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
-    # lut_matmul falls back to "mma_w" (same blocks) where the wgmma kernel does not fit.
-    wgmma = m <= WGMMA_MAX_M or (m <= WGMMA_LARGE_MAX_M and n * k >= WGMMA_LARGE_MIN_WEIGHTS)
-    kernel = "wgmma" if wgmma else mma_kernel(block_m)
-    return LaunchConfig(kernel, block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
+    if wgmma_ok and (m <= WGMMA_MAX_M or (m <= WGMMA_LARGE_MAX_M and n * k >= WGMMA_LARGE_MIN_WEIGHTS)):
+        return LaunchConfig("wgmma", block_m, block_n, 128, max(split_k, triton.cdiv(k, G_MAX_SPLIT_K)), num_warps=4)
+    return LaunchConfig(mma_kernel(block_m), block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
 def lut_matmul(
@@ -704,15 +715,16 @@ def lut_matmul(
         return out.zero_()
 
     if config is None:
-        config = launch_config(m, n, k, bits, interpreted)
-        if config.kernel == "wgmma" and not wgmma_fits(x, bits, group, k):
-            config = dataclasses.replace(config, kernel="mma_w")
+        config = launch_config(m, n, k, bits, interpreted, wgmma_ok=wgmma_fits(x, bits, group, k))
     elif config.kernel == "wgmma":
         if not wgmma_fits(x, bits, group, k):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
                              "rows, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
         if (config.block_m, config.block_n, config.block_k, config.num_warps) != (16, 64, 128, 4):
             raise ValueError("the wgmma kernel has fixed blocks: block_m 16, block_n 64, block_k 128, 4 warps")
+        if triton.cdiv(k, config.split_k) > G_MAX_SPLIT_K:
+            raise ValueError(f"the wgmma kernel keeps x for a whole K split in shared memory: split_k must be at least "
+                             f"cdiv(k, {G_MAX_SPLIT_K}) = {triton.cdiv(k, G_MAX_SPLIT_K)}, got {config.split_k}")
     if config.block_k % tile_k(bits):
         raise ValueError(f"block_k must be a multiple of {tile_k(bits)} for {bits}-bit codes, got {config.block_k}")
     # The lookup table is read in its stored precision if that is fp16 (packed layers: exact, and
@@ -773,7 +785,8 @@ def lut_matmul(
         _lut_wgmma_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words, codebook.to(x.dtype),
                                 scales, y, m, n, k, groups, k_per_split, row_words[0], row_words[1], y.stride(0),
                                 y.stride(1), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
-                                SPLIT_K=config.split_k, TABLE_SIZE=2**bits, STAGES=config.num_stages, num_warps=4)
+                                SPLIT_K=config.split_k, TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value,
+                                num_warps=4)
     elif config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
