@@ -15,10 +15,12 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
 - _lut_wgmma_kernel (Gluon, Hopper; small M, see launch_config, where wgmma_fits): "mma_w" with explicit
   register layouts, so that each thread loads and decodes exactly the weights it holds in the
   wgmma A fragment and the decoded tile never passes through shared memory; its codebook is a
-  static shared-memory array that the decode indexes by byte offsets (_g_decode).
+  static shared-memory array that the decode indexes by byte offsets (_g_decode), x's slice for
+  the program's whole K split comes by TMA into shared memory before its loop, and the words are
+  loaded two K tiles ahead.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
-With split_k > 1 the programs add their partial sums into an fp32 buffer with atomics.
+With split_k > 1 the programs add their partial sums into an fp32 buffer with (relaxed) atomics.
 lut_matmul picks the kernel and launch configuration from M (launch_config); speeds and where
 the time goes: kernels/BENCHMARKS.md.
 """
@@ -424,6 +426,18 @@ def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.const
 
 
 @gluon.jit
+def _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr, scale_rows, k0,
+                   W1: gl.constexpr, GROUP: gl.constexpr):
+    """K tile k0's words of both planes (_g_words; a 2-bit plane's unshifted, see _g_decode) and
+    its stored group scales (rows scale_rows / num_groups, in the accumulator's row layout)."""
+    words0 = _g_words(plane0, row_words0, rows, j, k0, 4)
+    words1 = words0
+    if W1 > 0:
+        words1 = _g_words(plane1, row_words1, rows, j, k0, W1, W1 != 2)
+    return words0, words1, gl.load(scales_ptr + scale_rows + k0 // GROUP)
+
+
+@gluon.jit
 def _g_fill_table(table_ptr, words, TABLE_SIZE: gl.constexpr):
     """Declare the codebook's shared-memory copy (_TABLE_ASM), fill it from table_ptr (threads
     past TABLE_SIZE store a copy of an entry), and return `words` through an opaque move after
@@ -487,7 +501,8 @@ def _lut_wgmma_kernel(
     and its result is scaled per weight row. The split's whole slice of x (X_TILES = k_per_split
     / 128 tiles of 16 x 128) comes by TMA into shared memory once, before the loop: a ring
     refilled every K tile cost three CTA barriers and the TMA bookkeeping per tile. The words
-    and scales of the next K tile are loaded into registers while this one is decoded."""
+    and scales of the K tile after next are loaded into registers while this one is decoded: one
+    tile ahead left the decode waiting for memory."""
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -509,36 +524,35 @@ def _lut_wgmma_kernel(
     j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
     offs_n = pid_n * G_BLOCK_N + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
     scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
-    # The first tile's words and scales load while the table is filled (both from memory).
-    words0 = _g_words(plane0, row_words0, rows, j, k_start, 4)
-    words1 = words0
-    if W1 > 0:
-        words1 = _g_words(plane1, row_words1, rows, j, k_start, W1, W1 != 2)
-    stored = gl.load(scales_ptr + scale_rows + k_start // GROUP)
+    # The first two tiles' words and scales load while the table is filled (all from memory).
+    words0, words1, stored = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr, scale_rows,
+                                            k_start, W1, GROUP)
+    next0, next1, stored_next = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr,
+                                               scale_rows, gl.minimum(k_start + G_BLOCK_K, k_last), W1, GROUP)
     words0 = _g_fill_table(table_ptr, words0, TABLE_SIZE)
-    mbarrier.wait(x_ready, 0)
 
     acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
-        # The last tile reloads its own words and scales (unused) rather than read past its split.
-        k_next = gl.minimum(k0 + G_BLOCK_K, k_last)
-        next0 = _g_words(plane0, row_words0, rows, j, k_next, 4)
-        next1 = next0
-        if W1 > 0:
-            next1 = _g_words(plane1, row_words1, rows, j, k_next, W1, W1 != 2)
-        stored_next = gl.load(scales_ptr + scale_rows + k_next // GROUP)
-        # ptxas sinks these loads to their first use (the next tile's decode) unless something
-        # orders them: a warp sync (a NOP in SASS) keeps them ahead of this tile's decode.
+        # The last two tiles reload the last one's inputs (unused) rather than read past the split.
+        far0, far1, stored_far = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr,
+                                                scale_rows, gl.minimum(k0 + 2 * G_BLOCK_K, k_last), W1, GROUP)
+        # ptxas sinks these loads towards their first use unless something orders them: a warp
+        # sync (a NOP in SASS) keeps them ahead of this tile's decode.
         gl.inline_asm_elementwise("bar.warp.sync -1;\nmov.b32 $0, 0;", "=r,r", [gl.arange(0, 128, layout=_G_TABLE)],
                                   dtype=gl.int32, is_pure=False, pack=1)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty)
+        # Waited for here, not before the loop, so that the first decode overlaps x's arrival.
+        mbarrier.wait(x_ready, 0)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i).permute((1, 0)), acc, use_acc=False)
         acc += part * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0), 1)
         words0 = next0
         words1 = next1
         stored = stored_next
+        next0 = far0
+        next1 = far1
+        stored_next = stored_far
     mbarrier.invalidate(x_ready)
 
     offs_m = pid_m * G_BLOCK_M + gl.arange(0, G_BLOCK_M, layout=gl.SliceLayout(0, _G_ACC))
@@ -649,7 +663,15 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
         # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
         return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
+    return LaunchConfig(mma_kernel(block_m), block_m, block_n, 256)
+    sms = _multiprocessors(torch.cuda.current_device())
+    if m >= PANEL_MIN_M:
+        # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
+        return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
+    block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
+    if wgmma_ok and m <= WGMMA_MAX_M:
+        return LaunchConfig("wgmma", block_m, block_n, 128, triton.cdiv(k, G_SPLIT_K), num_warps=4)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
@@ -657,8 +679,6 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
-    if wgmma_ok and (m <= WGMMA_MAX_M or (m <= WGMMA_LARGE_MAX_M and n * k >= WGMMA_LARGE_MIN_WEIGHTS)):
-        return LaunchConfig("wgmma", block_m, block_n, 128, max(split_k, triton.cdiv(k, G_MAX_SPLIT_K)), num_warps=4)
     return LaunchConfig(mma_kernel(block_m), block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
 
 
