@@ -590,14 +590,18 @@ class LaunchConfig:
 
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
-# Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): on the H200,
-# 1.02-1.16x faster than "mma_w" at M = 1..8 on (8192, 8192), (28672, 8192) and (8192, 28672)
-# (0.99-1.10x on the smaller shapes at M = 1) before its decode lost the LEAs, 1.04-1.08x more
-# since. Up to WGMMA_LARGE_MAX_M rows on layers of at least WGMMA_LARGE_MIN_WEIGHTS weights: at
-# M = 16 it was 1.06x and 1.15x of "mma_w" on (28672, 8192) and (8192, 28672), 0.91-0.97x on
-# (4096, 4096), (11008, 4096) and (8192, 8192), 1.06x on (4096, 11008) (kernels/BENCHMARKS.md).
-WGMMA_MAX_M = 8
-WGMMA_LARGE_MAX_M, WGMMA_LARGE_MIN_WEIGHTS = 16, 1 << 27
+# Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): at M = 16 on the
+# H200 it was 1.14-1.19x faster than "mma_w" on all six benchmark shapes once x's split moved into
+# shared memory whole (before: 1.06-1.15x on the two largest, 0.91-0.97x on three others); it
+# is faster than "mma_w" at M = 1..8 too (kernels/BENCHMARKS.md).
+WGMMA_MAX_M = 16
+# K per split of the wgmma kernel: 6 K tiles (at most G_MAX_SPLIT_K: x's slice must fit in shared
+# memory). On the H200 at M = 1 the best of 4..8 tiles depends on the shape and on the kernel: with
+# words one tile ahead, 6 tiles were 1.09-1.11x faster than 8 on the three largest shapes; with
+# words two tiles ahead (the kernel now), 6 tiles are within 2% of the best on four of the six
+# benchmark shapes, 2% behind 8 on (28672, 8192) and 12% behind 4 on (4096, 4096)
+# (kernels/BENCHMARKS.md).
+G_SPLIT_K = 768
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
 # 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
@@ -658,12 +662,6 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
         block_n = min(max(16, triton.next_power_of_2(n)), INTERPRETED_MAX_BLOCK_N)
         block_m = min(max(16, triton.next_power_of_2(m)), 64)
         return LaunchConfig(mma_kernel(block_m), block_m, block_n, 256)
-    sms = _multiprocessors(torch.cuda.current_device())
-    if m >= PANEL_MIN_M:
-        # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
-        return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
-    block_m = min(max(16, triton.next_power_of_2(m)), 128)
-    return LaunchConfig(mma_kernel(block_m), block_m, block_n, 256)
     sms = _multiprocessors(torch.cuda.current_device())
     if m >= PANEL_MIN_M:
         # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
