@@ -591,9 +591,10 @@ class LaunchConfig:
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
 # Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): at M = 16 on the
-# H200 it was 1.14-1.19x faster than "mma_w" on all six benchmark shapes once x's split moved into
-# shared memory whole (before: 1.06-1.15x on the two largest, 0.91-0.97x on three others); it
-# is faster than "mma_w" at M = 1..8 too (kernels/BENCHMARKS.md).
+# H200, once x's split moved into shared memory whole, it was 1.14-1.19x faster than "mma_w" on
+# the four benchmark shapes that still took "mma_w" there ((4096, 4096), (11008, 4096),
+# (4096, 11008), (8192, 8192); 0.91-1.06x before); it already won on the two largest, and at
+# M = 1..8 (kernels/BENCHMARKS.md).
 WGMMA_MAX_M = 16
 # K per split of the wgmma kernel: 6 K tiles (at most G_MAX_SPLIT_K: x's slice must fit in shared
 # memory). On the H200 at M = 1 the best of 4..8 tiles depends on the shape and on the kernel: with
