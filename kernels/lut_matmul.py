@@ -574,9 +574,10 @@ class LaunchConfig:
 
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
     first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
-    16 x 64 x 128 blocks and 4 warps, splits of at most G_MAX_SPLIT_K; num_stages unused); "panel" decodes panel_rows rows of W_hat at a time
-    (block_n x block_k tiles) into a scratch buffer of x's dtype, small enough to stay in L2,
-    and multiplies each panel with torch.matmul (cuBLAS): W_hat is never held whole."""
+    16 x 64 x 128 blocks and 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
+    "panel" decodes panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch
+    buffer of x's dtype, small enough to stay in L2, and multiplies each panel with torch.matmul
+    (cuBLAS): W_hat is never held whole."""
 
     kernel: str  # "mma", "mma_w", "wgmma" or "panel"
     block_m: int
