@@ -124,7 +124,6 @@ def main() -> None:
             models.append((f"random Llama, hidden {args.hidden}", d, "causal_lm", depth))
         for spec in args.real:
             path, kind = spec.rsplit(":", 1)
-            import json
             from sopq.fetch import model_files
             _, gguf_file = model_files(path)
             from transformers import AutoConfig
