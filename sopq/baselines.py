@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sopq.formats import FP8_E4M3_MAX, round_fp8_e4m3
+from sopq.packing import per_weight
 from sopq.quantize import gptq_round
 
 CHANNEL_SCALE_BITS = 32
@@ -99,7 +100,7 @@ def minifloat_mx_grid(W: torch.Tensor, fmt: Minifloat) -> ScaledGrid:
     blocks = math.ceil(k / MX_BLOCK)
     padded = torch.nn.functional.pad(W.double(), (0, blocks * MX_BLOCK - k)).reshape(n, blocks, MX_BLOCK)
     absmax = padded.abs().amax(-1).clamp(min=2.0**-127)
-    scale = torch.exp2(torch.floor(torch.log2(absmax)) - fmt.emax).repeat_interleave(MX_BLOCK, dim=1)[:, :k]
+    scale = per_weight(torch.exp2(torch.floor(torch.log2(absmax)) - fmt.emax), MX_BLOCK, k)
     return ScaledGrid(scale, fmt.round, 1 + fmt.exp_bits + fmt.man_bits + E8M0_BITS * n * blocks / (n * k))
 
 
