@@ -46,8 +46,8 @@ MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64,
 PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
 # Swept wgmma_ring configurations (16 < M <= WGMMA_RING_MAX_M): (block_n, num_stages, split_k), in
 # tiles of launch_config's block_m; block_n 128 is two 64-row blocks of W against each x tile.
-RING_SWEEP = [(64, 3, 1), (64, 3, 2), (64, 3, 4), (64, 3, 8), (64, 2, 4), (64, 4, 4), (128, 2, 1), (128, 2, 2),
-              (128, 2, 4), (128, 3, 2), (128, 3, 4)]
+RING_SWEEP = [(128, 2, 1), (128, 2, 2), (128, 2, 3), (128, 2, 4), (128, 2, 6), (128, 2, 8), (64, 2, 2), (64, 2, 4),
+              (64, 2, 8)]
 
 
 def bench_us(fn, graph: bool = False) -> float:

@@ -570,7 +570,7 @@ def _lut_wgmma_kernel(
 # The ring kernel ("wgmma_ring", Hopper; 16 < M <= WGMMA_RING_MAX_M, see launch_config): the wgmma
 # kernel's decode (_g_tile_inputs, _g_decode) for (BLOCK_M <= 128) x 128 tiles of x, which no longer
 # fit in shared memory for a whole K split (128 x 1024 fp16 is 256 KB): they come by TMA through a
-# ring of G_RING_STAGES-ish buffers, refilled as the wgmmas that read them finish. The wgmmas are
+# ring of STAGES buffers, each refilled as soon as the wgmmas that read it finish. The wgmmas are
 # asynchronous and accumulate in place (64 x BLOCK_M fp32, BLOCK_M / 2 registers a thread); the
 # next weight tile is decoded while the tensor cores work on this one. Each decoded tile is scaled
 # per row in x's dtype before its wgmma, instead of scaling the product as _lut_wgmma_kernel
@@ -735,13 +735,18 @@ WGMMA_MAX_M = 16
 # Up to this many rows of x, the Gluon "wgmma_ring" kernel where the wgmma kernel fits (wgmma_fits),
 # in tiles of block_m = the smallest power of two >= M rows of x (kernels/BENCHMARKS.md).
 WGMMA_RING_MAX_M = 128
-# Ring kernel: 64 weight rows a program (one row block), ring stages by block_m (x tiles of
-# block_m x 128: 8, 16 and 32 KB), and K splits chosen for at least G_RING_PROGRAMS_PER_SM
-# programs per SM, each at least G_RING_MIN_SPLIT_K of K.
-G_RING_ROW_BLOCKS = 1
-G_RING_STAGES = {16: 4, 32: 4, 64: 3, 128: 3}
+# The ring kernel's launch, from a sweep on the H200 at M = 32, 64, 128 on the three large shapes
+# (kernels/BENCHMARKS.md): two 64-row blocks of W a program (block_n 128) were the fastest or
+# within 1% of it in 7 of 9 cases (0.88x vs 0.78x of fp16 at M = 64 on (8192, 8192)), and two
+# stages beat three in every pair measured (0.88x vs 0.62x there). The programs take 168 to 255
+# registers a thread, so two or three fit on an SM, and the time goes by whole waves of them: the
+# best split was the largest that keeps the grid within G_RING_PROGRAMS_PER_SM programs per SM
+# (4 of (8192, 8192) and (8192, 28672), 1 of (28672, 8192): 224 programs) and one split more, a
+# second, mostly empty wave, cost up to 1.3x. Splits keep at least G_RING_MIN_SPLIT_K of K.
+G_RING_BLOCK_N = 128
+G_RING_STAGES = 2
 G_RING_PROGRAMS_PER_SM = 2
-G_RING_MIN_SPLIT_K = 1024
+G_RING_MIN_SPLIT_K = 512
 # K per split of the wgmma kernel: 6 K tiles (at most G_MAX_SPLIT_K: x's slice must fit in shared
 # memory). On the H200 at M = 1 the best of 4..8 tiles depends on the shape and on the kernel: with
 # words one tile ahead, 6 tiles were 1.09-1.11x faster than 8 on the three largest shapes; with
@@ -818,11 +823,10 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     if wgmma_ok and m <= WGMMA_MAX_M:
         return LaunchConfig("wgmma", block_m, block_n, 128, triton.cdiv(k, G_SPLIT_K), num_warps=4)
     if wgmma_ok and m <= WGMMA_RING_MAX_M:
-        block_n = G_RING_ROW_BLOCKS * G_BLOCK_N.value
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split_k = max(1, min(triton.cdiv(G_RING_PROGRAMS_PER_SM * sms, tiles), k // G_RING_MIN_SPLIT_K))
-        return LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k, num_warps=4,
-                            num_stages=G_RING_STAGES[block_m])
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, G_RING_BLOCK_N)
+        split_k = max(1, min(G_RING_PROGRAMS_PER_SM * sms // tiles, k // G_RING_MIN_SPLIT_K))
+        return LaunchConfig("wgmma_ring", block_m, G_RING_BLOCK_N, 128, split_k, num_warps=4,
+                            num_stages=G_RING_STAGES)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
