@@ -735,15 +735,17 @@ WGMMA_MAX_M = 16
 # Up to this many rows of x, the Gluon "wgmma_ring" kernel where the wgmma kernel fits (wgmma_fits),
 # in tiles of block_m = the smallest power of two >= M rows of x (kernels/BENCHMARKS.md).
 WGMMA_RING_MAX_M = 128
-# The ring kernel's launch, from a sweep on the H200 at M = 32, 64, 128 on the three large shapes
-# (kernels/BENCHMARKS.md): two 64-row blocks of W a program (block_n 128) were the fastest or
-# within 1% of it in 7 of 9 cases (0.88x vs 0.78x of fp16 at M = 64 on (8192, 8192)), and two
-# stages beat three in every pair measured (0.88x vs 0.62x there). The programs take 168 to 255
-# registers a thread, so two or three fit on an SM, and the time goes by whole waves of them: the
-# best split was the largest that keeps the grid within G_RING_PROGRAMS_PER_SM programs per SM
-# (4 of (8192, 8192) and (8192, 28672), 1 of (28672, 8192): 224 programs) and one split more, a
-# second, mostly empty wave, cost up to 1.3x. Splits keep at least G_RING_MIN_SPLIT_K of K.
-G_RING_BLOCK_N = 128
+# The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
+# (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
+# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 168 to 255 registers a thread, so two fit on an SM,
+# and the time goes by whole waves of them: the best split was the one that fills the grid
+# closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
+# mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
+# (block_n 128, sharing each x tile) were 4-14% faster than one in 11 of 12 cases (7% slower on
+# (4096, 4096) at M = 64); at block_m 128 one row block (block_n 64: 233 registers instead of 255
+# and a spill) was 6-18% faster on the four shapes where both filled the grid equally, and two
+# were 7-9% faster on the two where only they filled one wave (_ring_launch). Splits keep at
+# least G_RING_MIN_SPLIT_K of K.
 G_RING_STAGES = 2
 G_RING_PROGRAMS_PER_SM = 2
 G_RING_MIN_SPLIT_K = 512
@@ -790,6 +792,21 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
+    """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: the split that fills
+    whole waves of G_RING_PROGRAMS_PER_SM programs per SM best, then the fewest waves, then (at
+    block_m 128) one row block."""
+    slots = G_RING_PROGRAMS_PER_SM * sms
+    choices = []
+    for block_n in ((64, 128) if block_m == 128 else (128,)):
+        tiles = triton.cdiv(n, block_n)
+        split_k = max(1, min(slots // tiles, k // G_RING_MIN_SPLIT_K))
+        waves = triton.cdiv(tiles * split_k, slots)
+        choices.append((-tiles * split_k / (waves * slots), waves, block_n, split_k))
+    _, _, block_n, split_k = min(choices)
+    return block_n, split_k
+
+
 def mma_kernel(block_m: int) -> str:
     """The tensor-core kernel for tiles of block_m rows of x: "mma_w" or "mma"."""
     return "mma_w" if block_m <= W_FIRST_MAX_BLOCK_M else "mma"
@@ -823,10 +840,9 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     if wgmma_ok and m <= WGMMA_MAX_M:
         return LaunchConfig("wgmma", block_m, block_n, 128, triton.cdiv(k, G_SPLIT_K), num_warps=4)
     if wgmma_ok and m <= WGMMA_RING_MAX_M:
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, G_RING_BLOCK_N)
-        split_k = max(1, min(G_RING_PROGRAMS_PER_SM * sms // tiles, k // G_RING_MIN_SPLIT_K))
-        return LaunchConfig("wgmma_ring", block_m, G_RING_BLOCK_N, 128, split_k, num_warps=4,
-                            num_stages=G_RING_STAGES)
+        # One tile of x (m <= 128 = block_m): the grid is row blocks x splits.
+        ring_block_n, split_k = _ring_launch(block_m, n, k, sms)
+        return LaunchConfig("wgmma_ring", block_m, ring_block_n, 128, split_k, num_warps=4, num_stages=G_RING_STAGES)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
