@@ -18,6 +18,9 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
   static shared-memory array that the decode indexes by byte offsets (_g_decode), x's slice for
   the program's whole K split comes by TMA into shared memory before its loop, and the words are
   loaded two K tiles ahead.
+- _lut_wgmma_ring_kernel (Gluon, Hopper; 16 < M <= WGMMA_RING_MAX_M where wgmma_fits): the
+  same decode for up to 128 rows of x, whose tiles come by TMA through a ring of shared-memory
+  buffers; asynchronous wgmmas overlap the next tile's decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with (relaxed) atomics.
@@ -575,8 +578,8 @@ def _lut_wgmma_kernel(
 # next weight tile is decoded while the tensor cores work on this one. Each decoded tile is scaled
 # per row in x's dtype before its wgmma, instead of scaling the product as _lut_wgmma_kernel
 # does: that would take a second BLOCK_M / 2-register accumulator and BLOCK_M / 2 FMAs a thread
-# per K tile, against 32 packed multiplies (one more rounding per weight, in x's dtype; the
-# product in fp16 over- or underflows only where W_hat's own entries would). ROW_BLOCKS = 2 decodes
+# per K tile, against 32 packed multiplies (one more rounding per weight, in x's dtype; with fp16
+# x, a bf16 or e8m0 scale outside fp16's range, or a product outside it, over- or underflows). ROW_BLOCKS = 2 decodes
 # two 64-row blocks of W per program against each x tile, which halves the x tiles (32 KB at
 # BLOCK_M = 128, five times the 6 KB of codes they meet) that the programs read from L2.
 
@@ -710,7 +713,8 @@ class LaunchConfig:
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
     first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
     16 x 64 x 128 blocks and 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
-    "panel" decodes panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch
+    "wgmma_ring" for more rows of x (_lut_wgmma_ring_kernel: block_m 16 to 128, block_n 64 or 128
+    weight rows a program, block_k 128, 4 warps, num_stages x tiles in its ring); "panel" decodes panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch
     buffer of x's dtype, small enough to stay in L2, and multiplies each panel with torch.matmul
     (cuBLAS): W_hat is never held whole."""
 
@@ -737,7 +741,7 @@ WGMMA_MAX_M = 16
 WGMMA_RING_MAX_M = 128
 # The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
 # (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
-# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 168 to 255 registers a thread, so two fit on an SM,
+# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 183 to 255 registers a thread, so two fit on an SM,
 # and the time goes by whole waves of them: the best split was the one that fills the grid
 # closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
 # mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
