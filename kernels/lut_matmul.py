@@ -714,9 +714,10 @@ class LaunchConfig:
     first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
     16 x 64 x 128 blocks and 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
     "wgmma_ring" for more rows of x (_lut_wgmma_ring_kernel: block_m 16 to 128, block_n 64 or 128
-    weight rows a program, block_k 128, 4 warps, num_stages x tiles in its ring); "panel" decodes panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch
-    buffer of x's dtype, small enough to stay in L2, and multiplies each panel with torch.matmul
-    (cuBLAS): W_hat is never held whole."""
+    weight rows a program, block_k 128, 4 warps, num_stages x tiles in its ring); "panel" decodes
+    panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch buffer of x's
+    dtype, small enough to stay in L2, and multiplies each panel with torch.matmul (cuBLAS): W_hat
+    is never held whole."""
 
     kernel: str  # "mma", "mma_w", "wgmma", "wgmma_ring" or "panel"
     block_m: int
@@ -1015,7 +1016,8 @@ def lut_matmul(
         _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot,
                               W_FIRST=config.kernel == "mma_w", **constants)
     else:
-        raise ValueError(f"config.kernel must be 'mma', 'mma_w', 'wgmma', 'wgmma_ring' or 'panel', got {config.kernel!r}")
+        raise ValueError(
+            f"config.kernel must be 'mma', 'mma_w', 'wgmma', 'wgmma_ring' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out
