@@ -390,8 +390,6 @@ _G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 # 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
 _G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT_, d) for d in (0, 1, 2, 5, 6))
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
-_G_ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
-_G_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_G_ACC, k_width=2))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
 # The codebook's copy in shared memory: a static array declared in PTX, whose address is a
 # constant that ptxas folds into every lookup (LDS [R + UR]), so the decode's byte offsets need
@@ -403,7 +401,7 @@ _TABLE_STORE_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u3
 _TABLE_LOAD_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u32 a, a, $1; ld.shared.b16 $0, [a]; }")
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later versions, async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-G_BLOCK_M, G_BLOCK_N, G_BLOCK_K = gl.constexpr(16), gl.constexpr(64), gl.constexpr(128)
+G_BLOCK_N, G_BLOCK_K = gl.constexpr(64), gl.constexpr(128)
 # The wgmma kernel keeps x and the words for its whole K split in shared memory: 80 KB a program
 # at 1024 (6 bits).
 G_MAX_SPLIT_K = 1024
@@ -460,7 +458,7 @@ def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
 
 
 @gluon.jit
-def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
+def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr, A_LAYOUT: gl.constexpr):
     """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
     in _codes, but each byte b of quads holds twice the code of field 2 b + sp: the byte offset
     of its entry in the shared table, which one prmt extracts and the load takes as it is.
@@ -483,7 +481,7 @@ def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
     if W1 == 1:
         offsets |= ((gl.convert_layout(words1, _G_CODES) >> (2 * b + sp)) & 1) << 5
     w = gl.inline_asm_elementwise(_TABLE_LOAD_ASM, "=h,r", [offsets], dtype=DTYPE.value, is_pure=True, pack=1)
-    return gl.convert_layout(gl.reshape(w, [G_BLOCK_N, G_BLOCK_K]), _G_A)
+    return gl.convert_layout(gl.reshape(w, [G_BLOCK_N, G_BLOCK_K]), A_LAYOUT)
 
 
 @gluon.jit
@@ -499,7 +497,7 @@ def _lut_wgmma_kernel(
     x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr,
     M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
-    TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr,
+    TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
     """y^T = W_hat x^T for codes of 4 + W1 bits (W1 in 0, 1, 2), K a multiple of 128 and one
     group per K tile (scale_mode 3): each K tile's dot takes the bare codebook values (x's dtype)
@@ -514,12 +512,14 @@ def _lut_wgmma_kernel(
     same, on the zeros TMA fills x and the words with there, and scaled by 0 (a stored scale may
     be inf)."""
     T1: gl.constexpr = 1 if W1 == 0 else 4 // W1  # K tiles per box of the second plane
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
     k_start = pid_k * k_per_split
     n0 = pid_n * G_BLOCK_N
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, G_BLOCK_M, G_BLOCK_K], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, BLOCK_M, G_BLOCK_K], x_desc.layout)
     w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, G_BLOCK_N, 16], words0_desc.layout)
     W1_BOXES: gl.constexpr = X_TILES // T1 if W1 > 0 else 1
     w1_smem = gl.allocate_shared_memory(gl.int32, [W1_BOXES, G_BLOCK_N, 16], words1_desc.layout)
@@ -536,9 +536,9 @@ def _lut_wgmma_kernel(
         else:
             mbarrier.expect(ready.index(i), TILE_BYTES)
         _tma_load(words0_desc, [n0, k0 // 8], ready.index(i), w0_smem.index(i))
-        _tma_load(x_desc, [pid_m * G_BLOCK_M, k0], ready.index(i), x_smem.index(i))
+        _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
 
-    offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
+    offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
     scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
     # Scales past K read the last group's (and are zeroed below).
     last_group = num_groups - 1
@@ -546,7 +546,7 @@ def _lut_wgmma_kernel(
     stored_next = gl.load(scales_ptr + scale_rows + gl.minimum((k_start + G_BLOCK_K) // GROUP, last_group))
     _g_fill_table(table_ptr, TABLE_SIZE)
 
-    acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
+    acc = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
         if i + 2 < X_TILES:
@@ -558,7 +558,7 @@ def _lut_wgmma_kernel(
             words1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS_LAYOUT)
             if W1 == 1:
                 words1 = words1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
-        a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty)
+        a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
         scale = gl.where(k0 < K, _g_scale(stored, SCALE_IS_E8M0), 0.0)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i).permute((1, 0)), acc, use_acc=False)
@@ -570,7 +570,7 @@ def _lut_wgmma_kernel(
     for i in gl.static_range(X_TILES):
         mbarrier.invalidate(ready.index(i))
 
-    offs_m = pid_m * G_BLOCK_M + gl.arange(0, G_BLOCK_M, layout=gl.SliceLayout(0, _G_ACC))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))
     y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
               + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
     mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
@@ -612,9 +612,15 @@ PANEL_MIN_M = 512
 # (4096, 11008), (8192, 8192); 0.91-1.06x before); it already won on the two largest, and at
 # M = 1..8 (kernels/BENCHMARKS.md).
 WGMMA_MAX_M = 16
-# K per split of the wgmma kernel: 4 K tiles, a multiple of the tiles one box of the second plane
-# spans (2 at 6 bits, 4 at 5). MEASURE
-WGMMA_SPLIT_K = 512
+# K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
+# at 6 bits, 4 at 5). Short splits mean many small programs, whose loads (all issued at the start)
+# keep memory busy while the others decode. On the H200, 6-bit codes, splits of 2 tiles against 4:
+# at M <= 8, 1.01-1.24x faster on the six benchmark shapes; at M = 16, 1.04-1.17x faster on four,
+# 0.96x and 0.99x on the two largest (split-K atomics: M x N x splits sums) (kernels/BENCHMARKS.md).
+WGMMA_SPLIT_K = 256
+# Up to this many rows of x, wgmma tiles of 8 rows (m64n8k16): half the shared memory for x and
+# no 16-row product for one row. 1.00-1.13x faster than 16-row tiles at M = 1 and 4 on the H200.
+WGMMA_NARROW_M = 8
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
 # 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
@@ -682,7 +688,8 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     if wgmma_ok and m <= WGMMA_MAX_M:
-        return LaunchConfig("wgmma", block_m, block_n, 128, triton.cdiv(k, WGMMA_SPLIT_K), num_warps=4)
+        return LaunchConfig("wgmma", 8 if m <= WGMMA_NARROW_M else 16, block_n, 128, triton.cdiv(k, WGMMA_SPLIT_K),
+                            num_warps=4)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
@@ -751,8 +758,8 @@ def lut_matmul(
         if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
                              "rows, 16-byte aligned words, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
-        if (config.block_m, config.block_n, config.block_k, config.num_warps) != (16, 64, 128, 4):
-            raise ValueError("the wgmma kernel has fixed blocks: block_m 16, block_n 64, block_k 128, 4 warps")
+        if config.block_m not in (8, 16) or (config.block_n, config.block_k, config.num_warps) != (64, 128, 4):
+            raise ValueError("the wgmma kernel has fixed blocks: block_m 8 or 16, block_n 64, block_k 128, 4 warps")
         if triton.cdiv(k, config.split_k) > G_MAX_SPLIT_K:
             raise ValueError(f"the wgmma kernel keeps x for a whole K split in shared memory: split_k must be at least "
                              f"cdiv(k, {G_MAX_SPLIT_K}) = {triton.cdiv(k, G_MAX_SPLIT_K)}, got {config.split_k}")
@@ -808,7 +815,7 @@ def lut_matmul(
     splits = triton.cdiv(k, k_per_split)
     if config.kernel == "wgmma":
         gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
-        block = [G_BLOCK_M.value, G_BLOCK_K.value]
+        block = [config.block_m, G_BLOCK_K.value]
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
                                   gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
         # Each plane as a (n, row words) matrix, read in boxes of 64 rows x 16 words.
@@ -816,15 +823,16 @@ def lut_matmul(
         word_descs = [TensorDescriptor(plane.view(n, row_words[p]), [n, row_words[p]], [row_words[p], 1],
                                        [G_BLOCK_N.value, 16], _G_WORDS_TMA)
                       for p, plane in enumerate(planes[:2 if widths[1] else 1])]
-        # Whole boxes of the second plane per split (they span 2 or 4 K tiles): K splits of a
-        # multiple of WGMMA_SPLIT_TILES tiles.
-        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), WGMMA_SPLIT_K) * WGMMA_SPLIT_K
-        grid = (triton.cdiv(m, G_BLOCK_M.value), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
+        # Whole boxes of the second plane per split (one spans 4 // W1 K tiles).
+        split_unit = G_BLOCK_K.value * (4 // widths[1] if widths[1] else 1)
+        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
         # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).
         _lut_wgmma_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, m, n, k,
                                 groups, k_per_split, y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
                                 SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
-                                TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, num_warps=4)
+                                TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
+                                num_warps=4)
     elif config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
