@@ -382,13 +382,17 @@ def _axis_layout(layout, dim: int):
 
 _G_ORDER = list(reversed(range(_G_RANK)))
 _G_CODES_LAYOUT = gl.BlockedLayout([1, 2, 1, 4, 2, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
-_G_WORDS_LAYOUT = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
+_G_WORDS_LAYOUT_ = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
 _G_CODES = gl.constexpr(_G_CODES_LAYOUT)
+_G_WORDS_LAYOUT = gl.constexpr(_G_WORDS_LAYOUT_)
+# A K tile's words of one plane in shared memory, as TMA writes them (64 rows of 16 words, row
+# major, unswizzled), viewed with the words' 7 dimensions: the same bytes.
+_G_WORDS_SHAPE = gl.constexpr([4, 2, 8, 1, 1, 2, 8])
+_G_WORDS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, _G_ORDER))
+_G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 # 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
-_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
+_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT_, d) for d in (0, 1, 2, 5, 6))
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
-_G_ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
-_G_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_G_ACC, k_width=2))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
 # The codebook's copy in shared memory: a static array declared in PTX, whose address is a
 # constant that ptxas folds into every lookup (LDS [R + UR]), so the decode's byte offsets need
@@ -400,8 +404,9 @@ _TABLE_STORE_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u3
 _TABLE_LOAD_ASM = gl.constexpr("{ .reg .u32 a; mov.u32 a, sopq_codebook; add.u32 a, a, $1; ld.shared.b16 $0, [a]; }")
 # Triton 3.6 names the TMA load async_copy_global_to_shared; later versions, async_load.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-G_BLOCK_M, G_BLOCK_N, G_BLOCK_K = gl.constexpr(16), gl.constexpr(64), gl.constexpr(128)
-# The wgmma kernel keeps x for its whole K split in shared memory: 16 x 1024 fp16, 32 KB a program.
+G_BLOCK_N, G_BLOCK_K = gl.constexpr(64), gl.constexpr(128)
+# The wgmma kernel keeps x and the words for its whole K split in shared memory: 80 KB a program
+# at 1024 (6 bits).
 G_MAX_SPLIT_K = 1024
 
 
@@ -441,12 +446,11 @@ def _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr, 
 
 
 @gluon.jit
-def _g_fill_table(table_ptr, words, TABLE_SIZE: gl.constexpr):
-    """Declare the codebook's shared-memory copy (_TABLE_ASM), fill it from table_ptr (threads
-    past TABLE_SIZE store a copy of an entry), and return `words` through an opaque move after
-    the barrier: the lookups (pure asm, invisible to the compiler as memory accesses) take
-    offsets decoded from them, so they cannot move above the barrier even though the words were
-    loaded before it."""
+def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
+    """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr
+    (threads past TABLE_SIZE store a copy of an entry). The lookups (pure asm, invisible to the
+    compiler as memory accesses) take offsets decoded from words read from shared memory after
+    the barrier, so they cannot move above it."""
     # Declared once per thread (one element each), before any use.
     gl.inline_asm_elementwise(_TABLE_ASM, "=r,r", [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32,
                               is_pure=False, pack=1)
@@ -454,11 +458,10 @@ def _g_fill_table(table_ptr, words, TABLE_SIZE: gl.constexpr):
     gl.inline_asm_elementwise(_TABLE_STORE_ASM, "=r,r,h", [entry * 2, gl.load(table_ptr + entry)], dtype=gl.int32,
                               is_pure=False, pack=1)
     gl.thread_barrier()
-    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [words], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
-def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
+def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr, A_LAYOUT: gl.constexpr):
     """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
     in _codes, but each byte b of quads holds twice the code of field 2 b + sp: the byte offset
     of its entry in the shared table, which one prmt extracts and the load takes as it is.
@@ -481,7 +484,7 @@ def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr):
     if W1 == 1:
         offsets |= ((gl.convert_layout(words1, _G_CODES) >> (2 * b + sp)) & 1) << 5
     w = gl.inline_asm_elementwise(_TABLE_LOAD_ASM, "=h,r", [offsets], dtype=DTYPE.value, is_pure=True, pack=1)
-    return gl.convert_layout(gl.reshape(w, [G_BLOCK_N, G_BLOCK_K]), _G_A)
+    return gl.convert_layout(gl.reshape(w, [G_BLOCK_N, G_BLOCK_K]), A_LAYOUT)
 
 
 @gluon.jit
@@ -494,71 +497,83 @@ def _g_scale(stored, SCALE_IS_E8M0: gl.constexpr):
 
 @gluon.jit
 def _lut_wgmma_kernel(
-    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr,
-    M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
+    x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr,
+    M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
-    TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr,
+    TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
     """y^T = W_hat x^T for codes of 4 + W1 bits (W1 in 0, 1, 2), K a multiple of 128 and one
     group per K tile (scale_mode 3): each K tile's dot takes the bare codebook values (x's dtype)
-    and its result is scaled per weight row. The split's whole slice of x (X_TILES = k_per_split
-    / 128 tiles of 16 x 128) comes by TMA into shared memory once, before the loop: a ring
-    refilled every K tile cost three CTA barriers and the TMA bookkeeping per tile. The words
-    and scales of the K tile after next are loaded into registers while this one is decoded: one
-    tile ahead left the decode waiting for memory."""
+    and its result is scaled per weight row.
+
+    Everything the split reads comes by TMA into shared memory at once, before the loop: its
+    slice of x (X_TILES tiles of 16 x 128) and the words of both planes (64 rows x 16 words a
+    tile; a 2-bit plane's box serves two tiles, a 1-bit plane's four), one barrier per tile.
+    Registers holding words one or two tiles ahead kept too few bytes in flight to cover memory
+    latency, and cost registers (occupancy); shared memory holds all of them, and the copy
+    engine, not the threads, issues them. Tiles past K (a short last split) are computed all the
+    same, on the zeros TMA fills x and the words with there, and scaled by 0 (a stored scale may
+    be inf)."""
+    T1: gl.constexpr = 1 if W1 == 0 else 4 // W1  # K tiles per box of the second plane
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
     k_start = pid_k * k_per_split
-    tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
-    k_last = k_start + (tiles - 1) * G_BLOCK_K
-    # x first: it comes from L2 while the words come from memory. Tiles past a short last split
-    # read x past K (zeros, counted in the bytes all the same) and are never used.
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, G_BLOCK_M, G_BLOCK_K], x_desc.layout)
-    x_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(x_ready, count=1)
-    mbarrier.expect(x_ready, X_TILES * x_desc.block_type.nbytes)
+    n0 = pid_n * G_BLOCK_N
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, BLOCK_M, G_BLOCK_K], x_desc.layout)
+    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, G_BLOCK_N, 16], words0_desc.layout)
+    W1_BOXES: gl.constexpr = X_TILES // T1 if W1 > 0 else 1
+    w1_smem = gl.allocate_shared_memory(gl.int32, [W1_BOXES, G_BLOCK_N, 16], words1_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(X_TILES):
-        _tma_load(x_desc, [pid_m * G_BLOCK_M, k_start + i * G_BLOCK_K], x_ready, x_smem.index(i))
-
-    # Rows past N read row N - 1 and are not stored.
-    rows = pid_n * G_BLOCK_N + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
-    rows = gl.minimum(rows, N - 1).to(gl.int64)
-    j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
-    offs_n = pid_n * G_BLOCK_N + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_ACC))
-    scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
-    # The first two tiles' words and scales load while the table is filled (all from memory).
-    words0, words1, stored = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr, scale_rows,
-                                            k_start, W1, GROUP)
-    next0, next1, stored_next = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr,
-                                               scale_rows, gl.minimum(k_start + G_BLOCK_K, k_last), W1, GROUP)
-    words0 = _g_fill_table(table_ptr, words0, TABLE_SIZE)
-
-    acc = gl.zeros([G_BLOCK_N, G_BLOCK_M], gl.float32, _G_ACC)
-    for i in range(tiles):
+        mbarrier.init(ready.index(i), count=1)
+    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes + words0_desc.block_type.nbytes
+    for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
-        # The last two tiles reload the last one's inputs (unused) rather than read past the split.
-        far0, far1, stored_far = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr,
-                                                scale_rows, gl.minimum(k0 + 2 * G_BLOCK_K, k_last), W1, GROUP)
-        # ptxas sinks these loads towards their first use unless something orders them: a warp
-        # sync (a NOP in SASS) keeps them ahead of this tile's decode.
-        gl.inline_asm_elementwise("bar.warp.sync -1;\nmov.b32 $0, 0;", "=r,r", [gl.arange(0, 128, layout=_G_TABLE)],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty)
-        # Waited for here, not before the loop, so that the first decode overlaps x's arrival.
-        mbarrier.wait(x_ready, 0)
+        # Words first: they come from memory, x from L2.
+        if W1 > 0 and i % T1 == 0:
+            mbarrier.expect(ready.index(i), TILE_BYTES + words1_desc.block_type.nbytes)
+            _tma_load(words1_desc, [n0, k0 // (8 * T1)], ready.index(i), w1_smem.index(i // T1))
+        else:
+            mbarrier.expect(ready.index(i), TILE_BYTES)
+        _tma_load(words0_desc, [n0, k0 // 8], ready.index(i), w0_smem.index(i))
+        _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
+
+    offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
+    scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
+    # Scales past K read the last group's (and are zeroed below).
+    last_group = num_groups - 1
+    stored = gl.load(scales_ptr + scale_rows + gl.minimum(k_start // GROUP, last_group))
+    stored_next = gl.load(scales_ptr + scale_rows + gl.minimum((k_start + G_BLOCK_K) // GROUP, last_group))
+    _g_fill_table(table_ptr, TABLE_SIZE)
+
+    acc = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
+    for i in gl.static_range(X_TILES):
+        k0 = k_start + i * G_BLOCK_K
+        if i + 2 < X_TILES:
+            stored_far = gl.load(scales_ptr + scale_rows + gl.minimum((k0 + 2 * G_BLOCK_K) // GROUP, last_group))
+        mbarrier.wait(ready.index(i), 0)
+        words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS_LAYOUT)
+        words1 = words0
+        if W1 > 0:
+            words1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS_LAYOUT)
+            if W1 == 1:
+                words1 = words1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
+        a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
+        scale = gl.where(k0 < K, _g_scale(stored, SCALE_IS_E8M0), 0.0)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
         part = warpgroup_mma(a, x_smem.index(i).permute((1, 0)), acc, use_acc=False)
-        acc += part * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0), 1)
-        words0 = next0
-        words1 = next1
-        stored = stored_next
-        next0 = far0
-        next1 = far1
-        stored_next = stored_far
-    mbarrier.invalidate(x_ready)
+        acc += part * gl.expand_dims(scale, 1)
+        if i + 1 < X_TILES:
+            stored = stored_next
+        if i + 2 < X_TILES:
+            stored_next = stored_far
+    for i in gl.static_range(X_TILES):
+        mbarrier.invalidate(ready.index(i))
 
-    offs_m = pid_m * G_BLOCK_M + gl.arange(0, G_BLOCK_M, layout=gl.SliceLayout(0, _G_ACC))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))
     y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
               + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
     mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
@@ -588,9 +603,8 @@ def _lut_wgmma_kernel(
 def _g_scaled_decode(words0, words1, stored, k0, W1: gl.constexpr, SCALE_IS_E8M0: gl.constexpr,
                      A_LAYOUT: gl.constexpr, DTYPE: gl.constexpr):
     """_g_decode's tile times its rows' scales (stored, in SliceLayout(1, A_LAYOUT)), in x's dtype, as
-    the A operand of a wgmma whose accumulator is A_LAYOUT's parent (the same registers as _G_A:
-    the A fragment does not depend on the wgmma's N)."""
-    a = gl.convert_layout(_g_decode(words0, words1, k0, W1, DTYPE), A_LAYOUT)
+    the A operand (A_LAYOUT) of a wgmma."""
+    a = _g_decode(words0, words1, k0, W1, DTYPE, A_LAYOUT)
     return a * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0).to(DTYPE), 1)
 
 
@@ -652,8 +666,11 @@ def _lut_wgmma_ring_kernel(
                                                scale_rows0, k_start, W1, GROUP)
     next00, next01, stored_next0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
                                                   scale_rows0, gl.minimum(k_start + G_BLOCK_K, k_last), W1, GROUP)
-    words00 = _g_fill_table(table_ptr, words00, TABLE_SIZE)
-    # Loaded after the table's barrier, so its lookups cannot move above it.
+    _g_fill_table(table_ptr, TABLE_SIZE)
+    # The first tile's words, loaded while the table is filled, pass through an opaque move after
+    # its barrier: the lookups (pure asm) take offsets decoded from them, so they cannot move above
+    # it. The second row block's are loaded after the barrier.
+    words00 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [words00], dtype=gl.int32, is_pure=False, pack=1)
     if ROW_BLOCKS == 2:
         rows1 = gl.minimum(rows + G_BLOCK_N, N - 1).to(gl.int64)
         scale_rows1 = gl.minimum(scale_n + G_BLOCK_N, N - 1).to(gl.int64) * num_groups
@@ -742,8 +759,8 @@ WGMMA_MAX_M = 16
 WGMMA_RING_MAX_M = 128
 # The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
 # (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
-# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 183 to 255 registers a thread, so two fit on an SM,
-# and the time goes by whole waves of them: the best split was the one that fills the grid
+# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 183 to 255 registers a thread, so
+# two fit on an SM, and the time goes by whole waves of them: the best split was the one that fills the grid
 # closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
 # mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
 # (block_n 128, sharing each x tile) were 4-14% faster than one in 11 of 12 cases (7% slower on
@@ -754,13 +771,15 @@ WGMMA_RING_MAX_M = 128
 G_RING_STAGES = 2
 G_RING_PROGRAMS_PER_SM = 2
 G_RING_MIN_SPLIT_K = 512
-# K per split of the wgmma kernel: 6 K tiles (at most G_MAX_SPLIT_K: x's slice must fit in shared
-# memory). On the H200 at M = 1 the best of 4..8 tiles depends on the shape and on the kernel: with
-# words one tile ahead, 6 tiles were 1.09-1.11x faster than 8 on the three largest shapes; with
-# words two tiles ahead (the kernel now), 6 tiles are within 2% of the best on four of the six
-# benchmark shapes, 2% behind 8 on (28672, 8192) and 12% behind 4 on (4096, 4096)
-# (kernels/BENCHMARKS.md).
-G_SPLIT_K = 768
+# K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
+# at 6 bits, 4 at 5). Short splits mean many small programs, whose loads (all issued at the start)
+# keep memory busy while the others decode. On the H200, 6-bit codes, splits of 2 tiles against 4:
+# at M <= 8, 1.01-1.24x faster on the six benchmark shapes; at M = 16, 1.04-1.17x faster on four,
+# 0.96x and 0.99x on the two largest (split-K atomics: M x N x splits sums) (kernels/BENCHMARKS.md).
+WGMMA_SPLIT_K = 256
+# Up to this many rows of x, wgmma tiles of 8 rows (m64n8k16): half the shared memory for x and
+# no 16-row product for one row. 1.00-1.13x faster than 16-row tiles at M = 1 and 4 on the H200.
+WGMMA_NARROW_M = 8
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
 # 16-wide K steps, each reading its slice of the weight tile back from shared memory), and M = 64
@@ -817,11 +836,11 @@ def mma_kernel(block_m: int) -> str:
     return "mma_w" if block_m <= W_FIRST_MAX_BLOCK_M else "mma"
 
 
-def wgmma_fits(x: torch.Tensor, bits: int, group: int, k: int) -> bool:
+def wgmma_fits(x: torch.Tensor, bits: int, group: int, k: int, words: torch.Tensor | None = None) -> bool:
     """Whether the Gluon kernel (_lut_wgmma_kernel) can take this product: a Hopper GPU, 4 to 6
-    bits, fp16 or bf16 activations in rows that TMA can read (16-byte aligned), K a multiple of
-    128 and one group per K tile."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and bits in (4, 5, 6)
+    bits, fp16 or bf16 activations in rows that TMA can read (16-byte aligned), words that TMA can
+    read (16-byte aligned), K a multiple of 128 and one group per K tile."""
+    return ((words is None or words.data_ptr() % 16 == 0) and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and bits in (4, 5, 6)
             and x.dtype in (torch.float16, torch.bfloat16) and k % G_BLOCK_K.value == 0
             and scale_mode(group, k, 4, G_BLOCK_K.value) == 3 and x.stride(1) == 1
             and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0)
@@ -843,7 +862,8 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     if wgmma_ok and m <= WGMMA_MAX_M:
-        return LaunchConfig("wgmma", block_m, block_n, 128, triton.cdiv(k, G_SPLIT_K), num_warps=4)
+        return LaunchConfig("wgmma", 8 if m <= WGMMA_NARROW_M else 16, block_n, 128, triton.cdiv(k, WGMMA_SPLIT_K),
+                            num_warps=4)
     if wgmma_ok and m <= WGMMA_RING_MAX_M:
         # One tile of x (m <= 128 = block_m): the grid is row blocks x splits.
         ring_block_n, split_k = _ring_launch(block_m, n, k, sms)
@@ -911,7 +931,7 @@ def lut_matmul(
         return out.zero_()
 
     if config is None:
-        config = launch_config(m, n, k, bits, interpreted, wgmma_ok=wgmma_fits(x, bits, group, k))
+        config = launch_config(m, n, k, bits, interpreted, wgmma_ok=wgmma_fits(x, bits, group, k, words))
     elif config.kernel == "wgmma_ring":
         if not wgmma_fits(x, bits, group, k):
             raise ValueError("the wgmma_ring kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte "
@@ -921,11 +941,11 @@ def lut_matmul(
             raise ValueError("the wgmma_ring kernel takes block_m 16, 32, 64 or 128, block_n 64 or 128 (row blocks of "
                              "64), block_k 128, 4 warps and 2 to 4 stages (num_stages)")
     elif config.kernel == "wgmma":
-        if not wgmma_fits(x, bits, group, k):
+        if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
-                             "rows, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
-        if (config.block_m, config.block_n, config.block_k, config.num_warps) != (16, 64, 128, 4):
-            raise ValueError("the wgmma kernel has fixed blocks: block_m 16, block_n 64, block_k 128, 4 warps")
+                             "rows, 16-byte aligned words, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
+        if config.block_m not in (8, 16) or (config.block_n, config.block_k, config.num_warps) != (64, 128, 4):
+            raise ValueError("the wgmma kernel has fixed blocks: block_m 8 or 16, block_n 64, block_k 128, 4 warps")
         if triton.cdiv(k, config.split_k) > G_MAX_SPLIT_K:
             raise ValueError(f"the wgmma kernel keeps x for a whole K split in shared memory: split_k must be at least "
                              f"cdiv(k, {G_MAX_SPLIT_K}) = {triton.cdiv(k, G_MAX_SPLIT_K)}, got {config.split_k}")
@@ -981,15 +1001,23 @@ def lut_matmul(
     splits = triton.cdiv(k, k_per_split)
     if config.kernel == "wgmma":
         gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
-        block = [G_BLOCK_M.value, G_BLOCK_K.value]
+        block = [config.block_m, G_BLOCK_K.value]
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
                                   gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
-        grid = (triton.cdiv(m, G_BLOCK_M.value), triton.cdiv(n, G_BLOCK_N.value), splits)
+        # Each plane as a (n, row words) matrix, read in boxes of 64 rows x 16 words.
+        planes = [words[:plane_base1] if widths[1] else words, words[plane_base1:plane_base2 if widths[2] else None]]
+        word_descs = [TensorDescriptor(plane.view(n, row_words[p]), [n, row_words[p]], [row_words[p], 1],
+                                       [G_BLOCK_N.value, 16], _G_WORDS_TMA)
+                      for p, plane in enumerate(planes[:2 if widths[1] else 1])]
+        # Whole boxes of the second plane per split (one spans 4 // W1 K tiles).
+        split_unit = G_BLOCK_K.value * (4 // widths[1] if widths[1] else 1)
+        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
         # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).
-        _lut_wgmma_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words, codebook.to(x.dtype),
-                                scales, y, m, n, k, groups, k_per_split, row_words[0], row_words[1], y.stride(0),
-                                y.stride(1), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
-                                SPLIT_K=config.split_k, TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value,
+        _lut_wgmma_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, m, n, k,
+                                groups, k_per_split, y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
+                                SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
+                                TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
                                 num_warps=4)
     elif config.kernel == "wgmma_ring":
         gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16

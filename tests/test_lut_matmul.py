@@ -206,25 +206,25 @@ def test_rejects_bad_input():
 
 
 # The Gluon kernel ("wgmma", Hopper only: the interpreter cannot run Gluon): every width it takes,
-# both activation dtypes and scale formats, M up to 16 and past it (several 16-row tiles), N not
-# a multiple of 64, one group per row (group None), and split-K (with a short last split, whose
-# x tiles past K the kernel loads but never uses).
+# both activation dtypes and scale formats, tiles of 8 and 16 rows of x, M up to 16 and past it
+# (several tiles), N not a multiple of 64, one group per row (group None), and split-K (with a
+# short last split, whose tiles past K the kernel computes on zeros and scales by 0).
 WGMMA_SHAPES = [(1, 70, 512), (16, 130, 1024), (5, 64, 256), (33, 100, 384)]
 WGMMA_CASES = [
-    (bits, scale_format, dtype, WGMMA_SHAPES[i % len(WGMMA_SHAPES)], [128, None][i % 2], 1 + i % 3)
+    (bits, scale_format, dtype, WGMMA_SHAPES[i % len(WGMMA_SHAPES)], [128, None][i % 2], 1 + i % 3, [16, 8][i // 2 % 2])
     for i, (bits, scale_format, dtype) in enumerate(
         itertools.product([4, 5, 6], SCALE_FORMATS, [torch.float16, torch.bfloat16]))
 ]
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
-@pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k", WGMMA_CASES)
-def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k):
+@pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k, block_m", WGMMA_CASES)
+def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k, block_m):
     m, n, k = shape
     group = group or k
     _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 10 + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
-    config = LaunchConfig("wgmma", 16, 64, 128, split_k=split_k)
+    config = LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     args = dict(bits=bits, group=group, n=n, k=k)
     lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
@@ -233,8 +233,8 @@ def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group,
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_wgmma_kernel_is_exact_on_small_integers(split_k):
+@pytest.mark.parametrize("split_k, block_m", [(1, 16), (2, 16), (3, 8)])
+def test_wgmma_kernel_is_exact_on_small_integers(split_k, block_m):
     # 6-bit codes enumerate all 4096 (even k, odd k) code pairs (each 8 times or more, both
     # halves of every 2-bit plane word), the codebook holds distinct small integers, the scales
     # are 1, and row m of x sums the weights at k = m mod 16. Every sum is an integer below 2^11,
@@ -250,7 +250,7 @@ def test_wgmma_kernel_is_exact_on_small_integers(split_k):
     args = dict(bits=6, group=128, n=n, k=k)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
     lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.half().to(DEVICE), scales.to(DEVICE), out=out,
-               config=LaunchConfig("wgmma", 16, 64, 128, split_k=split_k), **args)
+               config=LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k), **args)
     assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
 
 
