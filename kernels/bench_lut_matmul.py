@@ -10,7 +10,7 @@ product with W_hat dequantized on the CPU (outputs poisoned with NaN first). --b
 another version of kernels/lut_matmul.py (e.g. main's checkout) with its own automatic
 configuration in the same run, checked the same way.
 
-    python kernels/bench_lut_matmul.py [--sweep] [--out results.json] [--baseline path/to/lut_matmul.py]
+    python kernels/bench_lut_matmul.py [--sweep [KERNEL]] [--out results.json] [--baseline path/to/lut_matmul.py]
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from kernels.lut_matmul import PANEL_MIN_M, LaunchConfig, launch_config, lut_matmul, mma_kernel
+from kernels.lut_matmul import (
+    PANEL_MIN_M, WGMMA_MAX_M, WGMMA_RING_MAX_M, LaunchConfig, launch_config, lut_matmul, mma_kernel,
+)
 from sopq.formats import num_groups
 from sopq.packing import dequantize, packed_words, unpack_codes
 
@@ -42,6 +44,10 @@ TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shap
 MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64, 128, 4, 8), (0, 32, 128, 2, 4),
              (0, 32, 128, 2, 8), (0, 64, 128, 8, 1), (0, 128, 128, 8, 1), (0, 64, 256, 4, 2), (64, 64, 128, 4, 2)]
 PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
+# Swept wgmma_ring configurations (16 < M <= WGMMA_RING_MAX_M): (block_n, num_stages, split_k), in
+# tiles of launch_config's block_m; block_n 128 is two 64-row blocks of W against each x tile.
+RING_SWEEP = [(128, 2, 1), (128, 2, 2), (128, 2, 3), (128, 2, 4), (128, 2, 6), (128, 2, 8), (64, 2, 2), (64, 2, 4),
+              (64, 2, 8)]
 
 
 def bench_us(fn, graph: bool = False) -> float:
@@ -60,14 +66,21 @@ def rotating(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))]
 
 
-def sweep_configs(m: int, n: int, k: int) -> list[LaunchConfig]:
+def sweep_configs(m: int, n: int, k: int, kernel: str) -> list[LaunchConfig]:
+    """The swept configurations of one kernel, or of all ("all")."""
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
+    if kernel == "wgmma_ring":
+        if not WGMMA_MAX_M < m <= WGMMA_RING_MAX_M:
+            return []
+        # At block_m 128 four 32 KB stages leave room for one program per SM only.
+        return [LaunchConfig("wgmma_ring", block_m, bn, 128, split, num_stages=stages)
+                for bn, stages, split in RING_SWEEP if stages * block_m <= 384]
     configs = [LaunchConfig(mma_kernel(bm or block_m), bm or block_m, bn, bk, split, warps)
                for bm, bn, bk, warps, split in MMA_SWEEP if (bm or block_m) <= block_m and m < PANEL_MIN_M]
     # At small M the panel path's time is mostly its decode: a measure of decode throughput.
     configs += [LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, nbytes // (2 * k) // 64 * 64))
                 for nbytes in PANEL_SWEEP]
-    return configs
+    return [c for c in configs if kernel in ("all", c.kernel)]
 
 
 def short(config: LaunchConfig) -> str:
@@ -103,7 +116,8 @@ def check_error(out: torch.Tensor, x: torch.Tensor, w_hat: torch.Tensor, what: s
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", nargs="?", const="all", default=None,
+                        help="also time a grid of configurations: of every kernel, or of the one named")
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", type=int, default=len(SHAPES))
     parser.add_argument("--shape-index", default=None, help="comma-separated indices into SHAPES (default: the first --shapes)")
@@ -148,7 +162,7 @@ def main() -> None:
             except RuntimeError:
                 t_fp8 = float("nan")  # _scaled_mm rejects this shape (e.g. M not a multiple of 16)
             auto = launch_config(m, n, k, BITS, interpreted=False)
-            candidates = [auto] + (sweep_configs(m, n, k) if args.sweep else [])
+            candidates = [auto] + (sweep_configs(m, n, k, args.sweep) if args.sweep else [])
             results, err = {}, float("nan")
             for config in dict.fromkeys(candidates):
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)

@@ -18,6 +18,9 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
   static shared-memory array that the decode indexes by byte offsets (_g_decode), x's slice for
   the program's whole K split comes by TMA into shared memory before its loop, and the words are
   loaded two K tiles ahead.
+- _lut_wgmma_ring_kernel (Gluon, Hopper; 16 < M <= WGMMA_RING_MAX_M where wgmma_fits): the
+  same decode for up to 128 rows of x, whose tiles come by TMA through a ring of shared-memory
+  buffers; asynchronous wgmmas overlap the next tile's decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
   into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
 With split_k > 1 the programs add their partial sums into an fp32 buffer with (relaxed) atomics.
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -582,6 +585,143 @@ def _lut_wgmma_kernel(
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# The ring kernel ("wgmma_ring", Hopper; 16 < M <= WGMMA_RING_MAX_M, see launch_config): the wgmma
+# kernel's decode (_g_tile_inputs, _g_decode) for (BLOCK_M <= 128) x 128 tiles of x, which no longer
+# fit in shared memory for a whole K split (128 x 1024 fp16 is 256 KB): they come by TMA through a
+# ring of STAGES buffers, each refilled as soon as the wgmmas that read it finish. The wgmmas are
+# asynchronous and accumulate in place (64 x BLOCK_M fp32, BLOCK_M / 2 registers a thread); the
+# next weight tile is decoded while the tensor cores work on this one. Each decoded tile is scaled
+# per row in x's dtype before its wgmma, instead of scaling the product as _lut_wgmma_kernel
+# does: that would take a second BLOCK_M / 2-register accumulator and BLOCK_M / 2 FMAs a thread
+# per K tile, against 32 packed multiplies (one more rounding per weight, in x's dtype; with fp16
+# x, a bf16 or e8m0 scale outside fp16's range, or a product outside it, over- or underflows). ROW_BLOCKS = 2 decodes
+# two 64-row blocks of W per program against each x tile, which halves the x tiles (32 KB at
+# BLOCK_M = 128, five times the 6 KB of codes they meet) that the programs read from L2.
+
+
+@gluon.jit
+def _g_scaled_decode(words0, words1, stored, k0, W1: gl.constexpr, SCALE_IS_E8M0: gl.constexpr,
+                     A_LAYOUT: gl.constexpr, DTYPE: gl.constexpr):
+    """_g_decode's tile times its rows' scales (stored, in SliceLayout(1, A_LAYOUT)), in x's dtype, as
+    the A operand (A_LAYOUT) of a wgmma."""
+    a = _g_decode(words0, words1, k0, W1, DTYPE, A_LAYOUT)
+    return a * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0).to(DTYPE), 1)
+
+
+@gluon.jit
+def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M: gl.constexpr,
+             ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr):
+    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y, or added into it (split K)."""
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
+              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
+    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+    if SPLIT_K > 1:
+        # Relaxed, as in _lut_wgmma_kernel.
+        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _lut_wgmma_ring_kernel(
+    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr,
+    M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
+    W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
+    TABLE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ROW_BLOCKS: gl.constexpr, STAGES: gl.constexpr,
+):
+    """y^T = W_hat x^T for the inputs _lut_wgmma_kernel takes, in (64 ROW_BLOCKS, BLOCK_M) blocks of
+    y^T, x tiles through a ring of STAGES buffers (see the comment above). Per K tile: wgmma of row
+    block 0 issued; [row block 1 decoded, its wgmma issued, row block 0's awaited]; the next K
+    tile's row block 0 decoded; all awaited; the x tile's buffer refilled with the tile STAGES on.
+    The words and scales of each row block are loaded one decode ahead of their use."""
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+    DTYPE: gl.constexpr = table_ptr.dtype.element_ty
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    k_start = pid_k * k_per_split
+    tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
+    k_last = k_start + (tiles - 1) * G_BLOCK_K
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, G_BLOCK_K], x_desc.layout)
+    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(x_ready.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes, pred=s < tiles)
+        _tma_load(x_desc, [pid_m * BLOCK_M, k_start + s * G_BLOCK_K], x_ready.index(s), x_smem.index(s),
+                  pred=s < tiles)
+
+    # Row block r holds rows pid_n * 64 ROW_BLOCKS + 64 r + (0..63); rows past N read row N - 1 and
+    # are not stored.
+    row0 = pid_n * (ROW_BLOCKS * G_BLOCK_N)
+    rows = row0 + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
+    j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
+    scale_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A))
+    rows0 = gl.minimum(rows, N - 1).to(gl.int64)
+    scale_rows0 = gl.minimum(scale_n, N - 1).to(gl.int64) * num_groups
+    words00, words01, stored0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
+                                               scale_rows0, k_start, W1, GROUP)
+    next00, next01, stored_next0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
+                                                  scale_rows0, gl.minimum(k_start + G_BLOCK_K, k_last), W1, GROUP)
+    _g_fill_table(table_ptr, TABLE_SIZE)
+    # The first tile's words, loaded while the table is filled, pass through an opaque move after
+    # its barrier: the lookups (pure asm) take offsets decoded from them, so they cannot move above
+    # it. The second row block's are loaded after the barrier.
+    words00 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [words00], dtype=gl.int32, is_pure=False, pack=1)
+    if ROW_BLOCKS == 2:
+        rows1 = gl.minimum(rows + G_BLOCK_N, N - 1).to(gl.int64)
+        scale_rows1 = gl.minimum(scale_n + G_BLOCK_N, N - 1).to(gl.int64) * num_groups
+        words10, words11, stored1 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows1, j, scales_ptr,
+                                                   scale_rows1, k_start, W1, GROUP)
+    acc0 = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
+    acc1 = acc0
+    a0 = _g_scaled_decode(words00, words01, stored0, k_start, W1, SCALE_IS_E8M0, A, DTYPE)
+    for i in range(tiles):
+        k0 = k_start + i * G_BLOCK_K
+        k_next = gl.minimum(k0 + G_BLOCK_K, k_last)
+        stage = i % STAGES
+        mbarrier.wait(x_ready.index(stage), i // STAGES & 1)
+        x_tile = x_smem.index(stage).permute((1, 0))
+        acc0 = warpgroup_mma(a0, x_tile, acc0, is_async=True)
+        if ROW_BLOCKS == 2:
+            next10, next11, stored_next1 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows1, j,
+                                                          scales_ptr, scale_rows1, k_next, W1, GROUP)
+            a1 = _g_scaled_decode(words10, words11, stored1, k0, W1, SCALE_IS_E8M0, A, DTYPE)
+            acc1 = warpgroup_mma(a1, x_tile, acc1, is_async=True)
+            acc0, a0 = warpgroup_mma_wait(1, deps=[acc0, a0])
+            words10 = next10
+            words11 = next11
+            stored1 = stored_next1
+        # The last tiles reload the last one's inputs (decoded, unused) rather than read past the split.
+        far00, far01, stored_far0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
+                                                   scale_rows0, gl.minimum(k0 + 2 * G_BLOCK_K, k_last), W1, GROUP)
+        a_next = _g_scaled_decode(next00, next01, stored_next0, k_next, W1, SCALE_IS_E8M0, A, DTYPE)
+        if ROW_BLOCKS == 2:
+            acc1, a1 = warpgroup_mma_wait(0, deps=[acc1, a1])
+        else:
+            acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])
+        a0 = a_next
+        next00 = far00
+        next01 = far01
+        stored_next0 = stored_far0
+        # Every warp's wgmmas on this buffer are done before one thread refills it.
+        gl.thread_barrier()
+        refill = i + STAGES < tiles
+        mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes, pred=refill)
+        _tma_load(x_desc, [pid_m * BLOCK_M, k0 + STAGES * G_BLOCK_K], x_ready.index(stage), x_smem.index(stage),
+                  pred=refill)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(x_ready.index(s))
+
+    offs_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
+    _g_store(y_ptr, acc0, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
+    if ROW_BLOCKS == 2:
+        _g_store(y_ptr, acc1, offs_n + G_BLOCK_N, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
@@ -590,11 +730,13 @@ class LaunchConfig:
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
     first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
     16 x 64 x 128 blocks and 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
-    "panel" decodes panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch
-    buffer of x's dtype, small enough to stay in L2, and multiplies each panel with torch.matmul
-    (cuBLAS): W_hat is never held whole."""
+    "wgmma_ring" for more rows of x (_lut_wgmma_ring_kernel: block_m 16 to 128, block_n 64 or 128
+    weight rows a program, block_k 128, 4 warps, num_stages x tiles in its ring); "panel" decodes
+    panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch buffer of x's
+    dtype, small enough to stay in L2, and multiplies each panel with torch.matmul (cuBLAS): W_hat
+    is never held whole."""
 
-    kernel: str  # "mma", "mma_w", "wgmma" or "panel"
+    kernel: str  # "mma", "mma_w", "wgmma", "wgmma_ring" or "panel"
     block_m: int
     block_n: int
     block_k: int
@@ -612,6 +754,23 @@ PANEL_MIN_M = 512
 # (4096, 11008), (8192, 8192); 0.91-1.06x before); it already won on the two largest, and at
 # M = 1..8 (kernels/BENCHMARKS.md).
 WGMMA_MAX_M = 16
+# Up to this many rows of x, the Gluon "wgmma_ring" kernel where the wgmma kernel fits (wgmma_fits),
+# in tiles of block_m = the smallest power of two >= M rows of x (kernels/BENCHMARKS.md).
+WGMMA_RING_MAX_M = 128
+# The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
+# (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
+# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 183 to 255 registers a thread, so
+# two fit on an SM, and the time goes by whole waves of them: the best split was the one that fills the grid
+# closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
+# mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
+# (block_n 128, sharing each x tile) were 4-14% faster than one in 11 of 12 cases (7% slower on
+# (4096, 4096) at M = 64); at block_m 128 one row block (block_n 64: 233 registers instead of 255
+# and a spill) was 6-18% faster on the four shapes where both filled the grid equally, and two
+# were 7-9% faster on the two where only they filled one wave (_ring_launch). Splits keep at
+# least G_RING_MIN_SPLIT_K of K.
+G_RING_STAGES = 2
+G_RING_PROGRAMS_PER_SM = 2
+G_RING_MIN_SPLIT_K = 512
 # K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
 # at 6 bits, 4 at 5). Short splits mean many small programs, whose loads (all issued at the start)
 # keep memory busy while the others decode. On the H200, 6-bit codes, splits of 2 tiles against 4:
@@ -657,6 +816,21 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
+    """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: the split that fills
+    whole waves of G_RING_PROGRAMS_PER_SM programs per SM best, then the fewest waves, then (at
+    block_m 128) one row block."""
+    slots = G_RING_PROGRAMS_PER_SM * sms
+    choices = []
+    for block_n in ((64, 128) if block_m == 128 else (128,)):
+        tiles = triton.cdiv(n, block_n)
+        split_k = max(1, min(slots // tiles, k // G_RING_MIN_SPLIT_K))
+        waves = triton.cdiv(tiles * split_k, slots)
+        choices.append((-tiles * split_k / (waves * slots), waves, block_n, split_k))
+    _, _, block_n, split_k = min(choices)
+    return block_n, split_k
+
+
 def mma_kernel(block_m: int) -> str:
     """The tensor-core kernel for tiles of block_m rows of x: "mma_w" or "mma"."""
     return "mma_w" if block_m <= W_FIRST_MAX_BLOCK_M else "mma"
@@ -690,6 +864,10 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     if wgmma_ok and m <= WGMMA_MAX_M:
         return LaunchConfig("wgmma", 8 if m <= WGMMA_NARROW_M else 16, block_n, 128, triton.cdiv(k, WGMMA_SPLIT_K),
                             num_warps=4)
+    if wgmma_ok and m <= WGMMA_RING_MAX_M:
+        # One tile of x (m <= 128 = block_m): the grid is row blocks x splits.
+        ring_block_n, split_k = _ring_launch(block_m, n, k, sms)
+        return LaunchConfig("wgmma_ring", block_m, ring_block_n, 128, split_k, num_warps=4, num_stages=G_RING_STAGES)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
@@ -754,6 +932,14 @@ def lut_matmul(
 
     if config is None:
         config = launch_config(m, n, k, bits, interpreted, wgmma_ok=wgmma_fits(x, bits, group, k, words))
+    elif config.kernel == "wgmma_ring":
+        if not wgmma_fits(x, bits, group, k):
+            raise ValueError("the wgmma_ring kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte "
+                             "aligned rows, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
+        if (config.block_m not in (16, 32, 64, 128) or config.block_n not in (64, 128) or config.block_k != 128
+                or config.num_warps != 4 or not 2 <= config.num_stages <= 4):
+            raise ValueError("the wgmma_ring kernel takes block_m 16, 32, 64 or 128, block_n 64 or 128 (row blocks of "
+                             "64), block_k 128, 4 warps and 2 to 4 stages (num_stages)")
     elif config.kernel == "wgmma":
         if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
@@ -833,6 +1019,21 @@ def lut_matmul(
                                 SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
                                 TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
                                 num_warps=4)
+    elif config.kernel == "wgmma_ring":
+        gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+        block = [config.block_m, G_BLOCK_K.value]
+        # Rows of a tile past M, and columns past K, are read as zeros.
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
+                                  gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+        # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
+        _lut_wgmma_ring_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words,
+                                     codebook.to(x.dtype), scales, y, m, n, k, groups, k_per_split, row_words[0],
+                                     row_words[1], y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
+                                     SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
+                                     TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
+                                     ROW_BLOCKS=config.block_n // G_BLOCK_N.value, STAGES=config.num_stages,
+                                     num_warps=4)
     elif config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")
@@ -843,7 +1044,8 @@ def lut_matmul(
         _lut_mma_kernel[grid](*args, DOT_IN_FP32=interpreted, SCALE_DOT=scale_dot,
                               W_FIRST=config.kernel == "mma_w", **constants)
     else:
-        raise ValueError(f"config.kernel must be 'mma', 'mma_w', 'wgmma' or 'panel', got {config.kernel!r}")
+        raise ValueError(
+            f"config.kernel must be 'mma', 'mma_w', 'wgmma', 'wgmma_ring' or 'panel', got {config.kernel!r}")
     if y is not out:
         out.copy_(y)
     return out

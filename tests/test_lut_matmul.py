@@ -201,7 +201,7 @@ def test_rejects_bad_input():
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("mma", 16, 16, 64), **args)
     with pytest.raises(ValueError, match="out must be"):
         lut_matmul(x, words, codebook, scales, out=torch.empty(2, n, dtype=torch.float16, device=DEVICE), **args)
-    with pytest.raises(ValueError, match="'mma', 'mma_w', 'wgmma' or 'panel'"):
+    with pytest.raises(ValueError, match="'mma', 'mma_w', 'wgmma', 'wgmma_ring' or 'panel'"):
         lut_matmul(x, words, codebook, scales, config=LaunchConfig("gemv", 1, 16, 256), **args)
 
 
@@ -270,6 +270,81 @@ def test_wgmma_kernel_splits_long_k():
         lut_matmul(x.to(DEVICE), words, codebook, scales, config=LaunchConfig("wgmma", 16, 64, 128, split_k=2), **args)
 
 
+# The ring kernel ("wgmma_ring", Hopper only): every width, both activation dtypes and scale
+# formats, M not a multiple of block_m (a partial last tile, and several tiles), N not a multiple
+# of 64 (nor of 128 with two row blocks), one group per row (group None), split K (with a short
+# last split, and splits shorter than the ring), and every ring depth.
+RING_SHAPES = [(100, 130, 1024), (33, 70, 640), (17, 200, 384), (130, 64, 512)]
+RING_CASES = [
+    (bits, scale_format, dtype, RING_SHAPES[i % len(RING_SHAPES)], [128, None][i % 2], 1 + i % 3,
+     [(128, 64, 3), (64, 128, 2), (32, 64, 4), (128, 128, 2), (16, 64, 4), (64, 64, 3)][i % 6])
+    for i, (bits, scale_format, dtype) in enumerate(
+        itertools.product([4, 5, 6], SCALE_FORMATS, [torch.float16, torch.bfloat16]))
+]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+@pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k, blocks", RING_CASES)
+def test_wgmma_ring_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k, blocks):
+    m, n, k = shape
+    group = group or k
+    block_m, block_n, stages = blocks
+    _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 10 + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    config = LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=stages)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    args = dict(bits=bits, group=group, n=n, k=k)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+@pytest.mark.parametrize("block_m, block_n, split_k", [(128, 64, 1), (128, 128, 2), (64, 128, 3), (32, 64, 2)])
+def test_wgmma_ring_kernel_is_exact_on_small_integers(block_m, block_n, split_k):
+    # As test_wgmma_kernel_is_exact_on_small_integers, with 100 rows of x (row m sums the weights at
+    # k = m mod 128, four of them) and power-of-two scales, so that scaling the decoded weights in
+    # fp16 is exact too.
+    n, k, m = 130, 512, 100
+    pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
+    codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
+    codebook = (torch.randperm(64, generator=torch.Generator().manual_seed(split_k)) - 32).float()
+    scales = (2.0 ** torch.randint(-2, 3, (n, 4), generator=torch.Generator().manual_seed(1))).half()
+    x = (torch.arange(k)[None, :] % 128 == torch.arange(m)[:, None]).half()
+    words = pack_codes(codes, 6)
+    args = dict(bits=6, group=128, n=n, k=k)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.half().to(DEVICE), scales.to(DEVICE), out=out,
+               config=LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=3), **args)
+    assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+def test_wgmma_ring_kernel_is_the_automatic_choice_above_16_rows():
+    n, k = 200, 2048
+    _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, 6, 128, "fp16", seed=7))
+    args = dict(bits=6, group=128, n=n, k=k)
+    for m in (17, 64, 128):
+        config = launch_config(m, n, k, 6, interpreted=False)
+        assert config.kernel == "wgmma_ring" and config.block_m >= m
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+        y = lut_matmul(x.to(DEVICE), words, codebook, scales, **args)
+        assert relative_error(y, reference_lut_matmul(x, words.cpu(), codebook.cpu(), scales.cpu(), **args)) < 1e-2
+    assert launch_config(16, n, k, 6, interpreted=False).kernel == "wgmma"
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+@pytest.mark.parametrize("config", [LaunchConfig("wgmma_ring", 48, 64, 128), LaunchConfig("wgmma_ring", 64, 192, 128),
+                                    LaunchConfig("wgmma_ring", 64, 64, 256), LaunchConfig("wgmma_ring", 64, 64, 128,
+                                                                                          num_stages=1)])
+def test_wgmma_ring_kernel_rejects_bad_blocks(config):
+    n, k, m = 70, 512, 40
+    _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, 6, 128, "fp16", seed=1))
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="wgmma_ring kernel takes"):
+        lut_matmul(x, words, codebook, scales, bits=6, group=128, n=n, k=k, config=config)
+
+
 @pytest.mark.parametrize("bits, k, group", [(7, 512, 128), (6, 600, 128), (6, 512, 64)])
 def test_wgmma_kernel_rejects_what_it_cannot_take(bits, k, group):
     # 7 bits, K not a multiple of 128, two groups in a K tile; on CPU nothing fits.
@@ -280,3 +355,6 @@ def test_wgmma_kernel_rejects_what_it_cannot_take(bits, k, group):
     with pytest.raises(ValueError, match="wgmma kernel needs"):
         lut_matmul(x, words, codebook, scales, bits=bits, group=group, n=n, k=k,
                    config=LaunchConfig("wgmma", 16, 64, 128))
+    with pytest.raises(ValueError, match="wgmma_ring kernel needs"):
+        lut_matmul(x, words, codebook, scales, bits=bits, group=group, n=n, k=k,
+                   config=LaunchConfig("wgmma_ring", 64, 64, 128))
