@@ -86,8 +86,8 @@ def sweep_configs(m: int, n: int, k: int, kernel: str) -> list[LaunchConfig]:
 def short(config: LaunchConfig) -> str:
     if config.kernel == "panel":
         return f"panel {config.panel_rows} rows"
-    return (f"{config.kernel} {config.block_m}x{config.block_n}x{config.block_k} s{config.split_k} "
-            f"w{config.num_warps} p{config.num_stages}")
+    stages = "" if config.kernel == "wgmma" else f" p{config.num_stages}"  # the wgmma kernel has no stages
+    return f"{config.kernel} {config.block_m}x{config.block_n}x{config.block_k} s{config.split_k} w{config.num_warps}{stages}"
 
 
 def load_baseline(path: str):

@@ -15,9 +15,9 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
 - _lut_wgmma_kernel (Gluon, Hopper; small M, see launch_config, where wgmma_fits): "mma_w" with explicit
   register layouts, so that each thread loads and decodes exactly the weights it holds in the
   wgmma A fragment and the decoded tile never passes through shared memory; its codebook is a
-  static shared-memory array that the decode indexes by byte offsets (_g_decode), x's slice for
-  the program's whole K split comes by TMA into shared memory before its loop, and the words are
-  loaded two K tiles ahead.
+  static shared-memory array that the decode indexes by byte offsets (_g_decode), and everything
+  a program's short K split reads (x's slice and the words of both planes) comes by TMA into
+  shared memory at once, before its loop.
 - _lut_wgmma_ring_kernel (Gluon, Hopper; 16 < M <= WGMMA_RING_MAX_M where wgmma_fits): the
   same decode for up to 128 rows of x, whose tiles come by TMA through a ring of shared-memory
   buffers; asynchronous wgmmas overlap the next tile's decode.
@@ -728,8 +728,8 @@ class LaunchConfig:
     K tile starts on a word boundary in every plane.
 
     "mma" computes y directly; "mma_w" computes y^T = W_hat x^T (the weight tile as the dot's
-    first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: fixed
-    16 x 64 x 128 blocks and 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
+    first operand, see _lut_mma_kernel); "wgmma" the same in Gluon (_lut_wgmma_kernel: block_m 8
+    or 16, block_n 64, block_k 128, 4 warps, K splits of at most G_MAX_SPLIT_K, num_stages unused);
     "wgmma_ring" for more rows of x (_lut_wgmma_ring_kernel: block_m 16 to 128, block_n 64 or 128
     weight rows a program, block_k 128, 4 warps, num_stages x tiles in its ring); "panel" decodes
     panel_rows rows of W_hat at a time (block_n x block_k tiles) into a scratch buffer of x's
