@@ -788,6 +788,24 @@ W_FIRST_MAX_BLOCK_M = 16
 # Bytes of one decoded panel: inside the 50 MB L2 of an H100/H200, so cuBLAS reads it from
 # there; 32 MB (fewer, larger cuBLAS calls) measured 10% faster at M = 2048 than 16 MB.
 PANEL_BYTES = 32 << 20
+# ... unless that panel is too narrow for cuBLAS to fill the GPU: a long K leaves few rows (576 at
+# K = 28672), and an (M, rows) product of fewer output tiles than the SMs leaves most idle. Panels
+# then take the rows for PANEL_MIN_WAVES waves of 128 x 128 output tiles, out of L2, up to
+# PANEL_MAX_BYTES of scratch. On the H200 at (8192, 28672), M = 2048: 576 rows 0.78x fp16, 1536
+# 0.85x, 4096 0.86x; M = 512: 0.55x, 0.60x, 0.66x. At K = 8192, M = 2048 the 2048 rows of 32 MB
+# (1.9 waves) were 1.01-1.07x faster than 4096 (kernels/BENCHMARKS.md).
+PANEL_MIN_WAVES = 1.5
+PANEL_MAX_BYTES = 128 << 20
+
+
+def panel_rows(m: int, n: int, k: int, sms: int) -> int:
+    """Rows of W_hat per decoded panel for an (m, k) x (k, n) product (2-byte activations; fp32
+    panels take twice the bytes): PANEL_BYTES' worth, or enough for PANEL_MIN_WAVES waves of
+    cuBLAS's output tiles, within PANEL_MAX_BYTES; a multiple of 64."""
+    rows = PANEL_BYTES // (2 * k)
+    if m * rows < PANEL_MIN_WAVES * sms * 128 * 128:
+        rows = min(int(PANEL_MIN_WAVES * sms * 128 * 128) // m, PANEL_MAX_BYTES // (2 * k))
+    return min(max(64, rows // 64 * 64), triton.cdiv(n, 64) * 64)
 # Rows per program in the interpreter: a layer of up to this many rows is one program; larger
 # ones (qwen2's 4864-row MLP layers) still take several, with a partial last tile.
 INTERPRETED_MAX_BLOCK_N = 4096
@@ -857,8 +875,7 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
         return LaunchConfig(mma_kernel(block_m), block_m, block_n, 256)
     sms = _multiprocessors(torch.cuda.current_device())
     if m >= PANEL_MIN_M:
-        # Sized for 2-byte activations (fp16, bf16); fp32 panels take twice the bytes.
-        return LaunchConfig("panel", 0, 64, 256, panel_rows=max(64, PANEL_BYTES // (2 * k) // 64 * 64))
+        return LaunchConfig("panel", 0, 64, 256, panel_rows=panel_rows(m, n, k, sms))
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
     block_n = 64
     if wgmma_ok and m <= WGMMA_MAX_M:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kernels import lut_matmul, reference_lut_matmul
-from kernels.lut_matmul import LaunchConfig, launch_config, scale_mode, tile_k, wgmma_fits
+from kernels.lut_matmul import (
+    PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k, wgmma_fits,
+)
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
 
@@ -343,6 +345,19 @@ def test_wgmma_ring_kernel_rejects_bad_blocks(config):
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="wgmma_ring kernel takes"):
         lut_matmul(x, words, codebook, scales, bits=6, group=128, n=n, k=k, config=config)
+
+
+def test_panel_rows_fill_the_gpu_within_the_scratch_bound():
+    # An L2-sized panel where its product has enough output tiles (K = 8192, M = 2048: 2048 rows,
+    # 32 MB); a long K widens the panel past L2 (576 rows would be 72 tiles for 132 SMs), never
+    # past PANEL_MAX_BYTES; rows are a multiple of 64 and no more than N rounded up to 64.
+    assert panel_rows(2048, 8192, 8192, 132) * 2 * 8192 == PANEL_BYTES
+    wide = panel_rows(2048, 8192, 28672, 132)
+    assert wide > PANEL_BYTES // (2 * 28672) and wide * 2 * 28672 <= PANEL_MAX_BYTES
+    assert panel_rows(512, 8192, 28672, 132) * 2 * 28672 <= PANEL_MAX_BYTES
+    for m, n, k in [(512, 100, 4096), (2048, 4096, 11008), (600, 33000, 1024)]:
+        rows = panel_rows(m, n, k, 132)
+        assert rows % 64 == 0 and 64 <= rows <= -(-n // 64) * 64
 
 
 @pytest.mark.parametrize("bits, k, group", [(7, 512, 128), (6, 600, 128), (6, 512, 64)])
