@@ -774,11 +774,13 @@ G_RING_MIN_SPLIT_K = 512
 # K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
 # at 6 bits, 4 at 5). Short splits mean many small programs, whose loads (all issued at the start)
 # keep memory busy while the others decode. On the H200, 6-bit codes, splits of 2 tiles against 4:
-# at M <= 8, 1.01-1.24x faster on the six benchmark shapes; at M = 16, 1.04-1.17x faster on four,
-# 0.96x and 0.99x on the two largest (split-K atomics: M x N x splits sums) (kernels/BENCHMARKS.md).
+# at M = 1 and 4 (8-row tiles), 1.00-1.16x faster on the six benchmark shapes; at M = 16, 1.04-1.18x
+# faster on four, 0.96x and 0.99x on the two largest (split-K atomics: M x N x splits sums)
+# (kernels/BENCHMARKS.md).
 WGMMA_SPLIT_K = 256
 # Up to this many rows of x, wgmma tiles of 8 rows (m64n8k16): half the shared memory for x and
-# no 16-row product for one row. 1.00-1.13x faster than 16-row tiles at M = 1 and 4 on the H200.
+# no 16-row product for one row. With 2-tile splits on the H200 at M = 1 and 4: 1.02-1.06x faster
+# than 16-row tiles on the three largest shapes, 0.98-1.01x on the others.
 WGMMA_NARROW_M = 8
 # Tiles of up to this many rows of x take the "mma_w" kernel: 6-9% faster than "mma" at M = 1 and
 # 16 on the large H200 shapes. At M = 128 it is 5-6% slower (Triton cuts that dot into eight
