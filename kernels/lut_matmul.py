@@ -496,6 +496,22 @@ def _g_scale(stored, SCALE_IS_E8M0: gl.constexpr):
 
 
 @gluon.jit
+def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M: gl.constexpr,
+             ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr):
+    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y, or added into it (split K)."""
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
+              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
+    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+    if SPLIT_K > 1:
+        # Relaxed: the sums need no ordering among themselves (the launch's end publishes them);
+        # the default acq_rel fenced every add with MEMBAR.GPU and invalidated L1 after it.
+        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _lut_wgmma_kernel(
     x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr,
     M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
@@ -573,16 +589,7 @@ def _lut_wgmma_kernel(
     for i in gl.static_range(X_TILES):
         mbarrier.invalidate(ready.index(i))
 
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))
-    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
-              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
-    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
-    if SPLIT_K > 1:
-        # Relaxed: the sums need no ordering among themselves (the launch's end publishes them);
-        # the default acq_rel fenced every add with MEMBAR.GPU and invalidated L1 after it.
-        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
 
 
 # The ring kernel ("wgmma_ring", Hopper; 16 < M <= WGMMA_RING_MAX_M, see launch_config): the wgmma
@@ -594,9 +601,10 @@ def _lut_wgmma_kernel(
 # per row in x's dtype before its wgmma, instead of scaling the product as _lut_wgmma_kernel
 # does: that would take a second BLOCK_M / 2-register accumulator and BLOCK_M / 2 FMAs a thread
 # per K tile, against 32 packed multiplies (one more rounding per weight, in x's dtype; with fp16
-# x, a bf16 or e8m0 scale outside fp16's range, or a product outside it, over- or underflows). ROW_BLOCKS = 2 decodes
-# two 64-row blocks of W per program against each x tile, which halves the x tiles (32 KB at
-# BLOCK_M = 128, five times the 6 KB of codes they meet) that the programs read from L2.
+# x, a bf16 or e8m0 scale outside fp16's range, or a product outside it, over- or underflows).
+# ROW_BLOCKS = 2 decodes two 64-row blocks of W per program against each x tile, which halves the
+# x tiles (32 KB at BLOCK_M = 128, five times the 6 KB of codes they meet) that the programs read
+# from L2.
 
 
 @gluon.jit
@@ -606,21 +614,6 @@ def _g_scaled_decode(words0, words1, stored, k0, W1: gl.constexpr, SCALE_IS_E8M0
     the A operand (A_LAYOUT) of a wgmma."""
     a = _g_decode(words0, words1, k0, W1, DTYPE, A_LAYOUT)
     return a * gl.expand_dims(_g_scale(stored, SCALE_IS_E8M0).to(DTYPE), 1)
-
-
-@gluon.jit
-def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M: gl.constexpr,
-             ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr):
-    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y, or added into it (split K)."""
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
-              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
-    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
-    if SPLIT_K > 1:
-        # Relaxed, as in _lut_wgmma_kernel.
-        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit

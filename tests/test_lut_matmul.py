@@ -222,11 +222,17 @@ WGMMA_CASES = [
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
 @pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k, block_m", WGMMA_CASES)
 def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k, block_m):
+    assert_gluon_kernel_matches_reference(LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k), bits, scale_format,
+                                          dtype, shape, group)
+
+
+def assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group):
+    """lut_matmul with this configuration of a Gluon kernel: finite everywhere (outputs start as
+    NaN) and within 1e-2 of the float64 reference; group None is one group per row."""
     m, n, k = shape
     group = group or k
     _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 10 + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
-    config = LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     args = dict(bits=bits, group=group, n=n, k=k)
     lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
@@ -288,17 +294,9 @@ RING_CASES = [
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
 @pytest.mark.parametrize("bits, scale_format, dtype, shape, group, split_k, blocks", RING_CASES)
 def test_wgmma_ring_kernel_matches_reference(bits, scale_format, dtype, shape, group, split_k, blocks):
-    m, n, k = shape
-    group = group or k
     block_m, block_n, stages = blocks
-    _, words, codebook, scales = make_layer(n, k, bits, group, scale_format, seed=bits * 10 + m)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     config = LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=stages)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    args = dict(bits=bits, group=group, n=n, k=k)
-    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
-    assert torch.isfinite(out).all()
-    assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
+    assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
