@@ -382,16 +382,16 @@ def _axis_layout(layout, dim: int):
 
 _G_ORDER = list(reversed(range(_G_RANK)))
 _G_CODES_LAYOUT = gl.BlockedLayout([1, 2, 1, 4, 2, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
-_G_WORDS_LAYOUT_ = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
+_G_WORDS_LAYOUT = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
 _G_CODES = gl.constexpr(_G_CODES_LAYOUT)
-_G_WORDS_LAYOUT = gl.constexpr(_G_WORDS_LAYOUT_)
+_G_WORDS = gl.constexpr(_G_WORDS_LAYOUT)
 # A K tile's words of one plane in shared memory, as TMA writes them (64 rows of 16 words, row
 # major, unswizzled), viewed with the words' 7 dimensions: the same bytes.
 _G_WORDS_SHAPE = gl.constexpr([4, 2, 8, 1, 1, 2, 8])
 _G_WORDS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, _G_ORDER))
 _G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 # 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
-_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT_, d) for d in (0, 1, 2, 5, 6))
+_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
 # The codebook's copy in shared memory: a static array declared in PTX, whose address is a
@@ -423,7 +423,7 @@ def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr):
 
 @gluon.jit
 def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.constexpr = True):
-    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS_LAYOUT), with
+    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS), with
     ALIGN shifted so that the tile's 8 fields start at bit 0 (a plane of 32 / WIDTH > 8 fields per
     word serves several K tiles)."""
     PER_WORD: gl.constexpr = 32 // WIDTH
@@ -571,10 +571,10 @@ def _lut_wgmma_kernel(
         if i + 2 < X_TILES:
             stored_far = gl.load(scales_ptr + scale_rows + gl.minimum((k0 + 2 * G_BLOCK_K) // GROUP, last_group))
         mbarrier.wait(ready.index(i), 0)
-        words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS_LAYOUT)
+        words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
         words1 = words0
         if W1 > 0:
-            words1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS_LAYOUT)
+            words1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
             if W1 == 1:
                 words1 = words1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
@@ -801,6 +801,8 @@ def panel_rows(m: int, n: int, k: int, sms: int) -> int:
     if m * rows < PANEL_MIN_WAVES * sms * 128 * 128:
         rows = min(int(PANEL_MIN_WAVES * sms * 128 * 128) // m, PANEL_MAX_BYTES // (2 * k))
     return min(max(64, rows // 64 * 64), triton.cdiv(n, 64) * 64)
+
+
 # Rows per program in the interpreter: a layer of up to this many rows is one program; larger
 # ones (qwen2's 4864-row MLP layers) still take several, with a partial last tile.
 INTERPRETED_MAX_BLOCK_N = 4096
@@ -829,6 +831,15 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _x_descriptor(x: torch.Tensor, block_m: int) -> TensorDescriptor:
+    """x for the Gluon kernels' TMA loads, in tiles of block_m x 128: rows of a tile past M and
+    columns past K are read as zeros."""
+    block = [block_m, G_BLOCK_K.value]
+    gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
 def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
     """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: the split that fills
     whole waves of G_RING_PROGRAMS_PER_SM programs per SM best, then the fewest waves, then (at
@@ -853,7 +864,8 @@ def wgmma_fits(x: torch.Tensor, bits: int, group: int, k: int, words: torch.Tens
     """Whether the Gluon kernel (_lut_wgmma_kernel) can take this product: a Hopper GPU, 4 to 6
     bits, fp16 or bf16 activations in rows that TMA can read (16-byte aligned), words that TMA can
     read (16-byte aligned), K a multiple of 128 and one group per K tile."""
-    return ((words is None or words.data_ptr() % 16 == 0) and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and bits in (4, 5, 6)
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and bits in (4, 5, 6)
+            and (words is None or words.data_ptr() % 16 == 0)
             and x.dtype in (torch.float16, torch.bfloat16) and k % G_BLOCK_K.value == 0
             and scale_mode(group, k, 4, G_BLOCK_K.value) == 3 and x.stride(1) == 1
             and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0)
@@ -955,7 +967,8 @@ def lut_matmul(
     elif config.kernel == "wgmma":
         if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
-                             "rows, 16-byte aligned words, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
+                             "rows, 16-byte aligned words, K a multiple of 128 and groups of a multiple of 128 "
+                             "(or >= K)")
         if config.block_m not in (8, 16) or (config.block_n, config.block_k, config.num_warps) != (64, 128, 4):
             raise ValueError("the wgmma kernel has fixed blocks: block_m 8 or 16, block_n 64, block_k 128, 4 warps")
         if triton.cdiv(k, config.split_k) > G_MAX_SPLIT_K:
@@ -1012,10 +1025,7 @@ def lut_matmul(
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
     if config.kernel == "wgmma":
-        gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
-        block = [config.block_m, G_BLOCK_K.value]
-        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
-                                  gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+        x_desc = _x_descriptor(x, config.block_m)
         # Each plane as a (n, row words) matrix, read in boxes of 64 rows x 16 words.
         planes = [words[:plane_base1] if widths[1] else words, words[plane_base1:plane_base2 if widths[2] else None]]
         word_descs = [TensorDescriptor(plane.view(n, row_words[p]), [n, row_words[p]], [row_words[p], 1],
@@ -1032,11 +1042,7 @@ def lut_matmul(
                                 TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
                                 num_warps=4)
     elif config.kernel == "wgmma_ring":
-        gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
-        block = [config.block_m, G_BLOCK_K.value]
-        # Rows of a tile past M, and columns past K, are read as zeros.
-        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), block,
-                                  gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+        x_desc = _x_descriptor(x, config.block_m)
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
         _lut_wgmma_ring_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words,

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from sopq.metrics import layer_errors
 from sopq.formats import decode_scales
+from sopq.packing import per_weight
 from sopq.quantize import (
     E4M3_VALUES,
     NearestCode,
@@ -300,7 +301,7 @@ def test_alternation_never_raises_the_weighted_error():
     errors = []
     for rounds in (1, 2, 4):
         codebook, stored = fit_scales_and_codebook(W, h, 5, 32, "fp16", max_alternations=rounds)
-        s = decode_scales(stored, "fp16").repeat_interleave(32, dim=1)
+        s = per_weight(decode_scales(stored, "fp16"), 32, W.shape[1])
         W_hat = s * codebook[NearestCode(codebook)(W / s)]
         errors.append((h.float() * (W - W_hat) ** 2).sum().item())
     assert errors[1] <= errors[0] * (1 + 1e-6) and errors[2] <= errors[1] * (1 + 1e-6)
