@@ -385,11 +385,14 @@ _G_CODES_LAYOUT = gl.BlockedLayout([1, 2, 1, 4, 2, 2, 2], [1, 1, 8, 1, 1, 1, 4],
 _G_WORDS_LAYOUT = gl.BlockedLayout([1, 2, 1, 1, 1, 2, 2], [1, 1, 8, 1, 1, 1, 4], [4, 1, 1, 1, 1, 1, 1], _G_ORDER)
 _G_CODES = gl.constexpr(_G_CODES_LAYOUT)
 _G_WORDS = gl.constexpr(_G_WORDS_LAYOUT)
-# A K tile's words of one plane in shared memory, as TMA writes them (64 rows of 16 words, row
-# major, unswizzled), viewed with the words' 7 dimensions: the same bytes.
+# A K tile's words of one plane in shared memory, as TMA writes them: words jh = 0..7 of the 64
+# rows, then words 8..15 (two boxes of 64 rows x 8 words, unswizzled; _word_descriptor), viewed
+# with the words' 7 dimensions: the same bytes. A quarter warp's 8-byte loads (lanes 4 r + q:
+# words 2 q, 2 q + 1 of row r) then cover 128 contiguous bytes, one wavefront; rows of 16 words
+# put rows r and r + 2 in the same banks, two wavefronts.
 _G_WORDS_SHAPE = gl.constexpr([4, 2, 8, 1, 1, 2, 8])
-_G_WORDS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, _G_ORDER))
-_G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+_G_WORDS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [6, 4, 3, 2, 1, 0, 5]))
+_G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
 # 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
 _G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
@@ -539,9 +542,9 @@ def _lut_wgmma_kernel(
     k_start = pid_k * k_per_split
     n0 = pid_n * G_BLOCK_N
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, BLOCK_M, G_BLOCK_K], x_desc.layout)
-    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, G_BLOCK_N, 16], words0_desc.layout)
+    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
     W1_BOXES: gl.constexpr = X_TILES // T1 if W1 > 0 else 1
-    w1_smem = gl.allocate_shared_memory(gl.int32, [W1_BOXES, G_BLOCK_N, 16], words1_desc.layout)
+    w1_smem = gl.allocate_shared_memory(gl.int32, [W1_BOXES, 2, G_BLOCK_N, 8], words1_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(X_TILES):
         mbarrier.init(ready.index(i), count=1)
@@ -551,10 +554,10 @@ def _lut_wgmma_kernel(
         # Words first: they come from memory, x from L2.
         if W1 > 0 and i % T1 == 0:
             mbarrier.expect(ready.index(i), TILE_BYTES + words1_desc.block_type.nbytes)
-            _tma_load(words1_desc, [n0, k0 // (8 * T1)], ready.index(i), w1_smem.index(i // T1))
+            _tma_load(words1_desc, [k0 // (64 * T1), n0, 0], ready.index(i), w1_smem.index(i // T1))
         else:
             mbarrier.expect(ready.index(i), TILE_BYTES)
-        _tma_load(words0_desc, [n0, k0 // 8], ready.index(i), w0_smem.index(i))
+        _tma_load(words0_desc, [k0 // 64, n0, 0], ready.index(i), w0_smem.index(i))
         _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
 
     offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
@@ -574,9 +577,12 @@ def _lut_wgmma_kernel(
         words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
         words1 = words0
         if W1 > 0:
-            words1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+            # One load of a box of the second plane serves its T1 tiles.
+            if i % T1 == 0:
+                box1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+            words1 = box1
             if W1 == 1:
-                words1 = words1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
+                words1 = box1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
         scale = gl.where(k0 < K, _g_scale(stored, SCALE_IS_E8M0), 0.0)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
@@ -840,6 +846,13 @@ def _x_descriptor(x: torch.Tensor, block_m: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
+def _word_descriptor(plane: torch.Tensor, n: int, row_words: int) -> TensorDescriptor:
+    """A plane's (n, row_words) words for the wgmma kernel's TMA loads, as (row_words / 8, n, 8):
+    eights of words (row_words is a multiple of 16) of every row, read in boxes of two eights of
+    64 rows (_G_WORDS_SHAPE)."""
+    return TensorDescriptor(plane, [row_words // 8, n, 8], [8, row_words, 1], [2, G_BLOCK_N.value, 8], _G_WORDS_TMA)
+
+
 def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
     """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: the split that fills
     whole waves of G_RING_PROGRAMS_PER_SM programs per SM best, then the fewest waves, then (at
@@ -1026,11 +1039,8 @@ def lut_matmul(
     splits = triton.cdiv(k, k_per_split)
     if config.kernel == "wgmma":
         x_desc = _x_descriptor(x, config.block_m)
-        # Each plane as a (n, row words) matrix, read in boxes of 64 rows x 16 words.
         planes = [words[:plane_base1] if widths[1] else words, words[plane_base1:plane_base2 if widths[2] else None]]
-        word_descs = [TensorDescriptor(plane.view(n, row_words[p]), [n, row_words[p]], [row_words[p], 1],
-                                       [G_BLOCK_N.value, 16], _G_WORDS_TMA)
-                      for p, plane in enumerate(planes[:2 if widths[1] else 1])]
+        word_descs = [_word_descriptor(plane, n, row_words[p]) for p, plane in enumerate(planes[:2 if widths[1] else 1])]
         # Whole boxes of the second plane per split (one spans 4 // W1 K tiles).
         split_unit = G_BLOCK_K.value * (4 // widths[1] if widths[1] else 1)
         k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit

@@ -7,7 +7,8 @@ import torch
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import (
-    PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k, wgmma_fits,
+    PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k,
+    wgmma_fits,
 )
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
@@ -240,26 +241,32 @@ def assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, sha
     assert relative_error(out, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-2
 
 
+def small_integer_product(m, x_period, seed, scales):
+    """Inputs of a (m, 512) x (512, 130) 6-bit product that fp16 computes exactly: the codes
+    enumerate all 4096 (even k, odd k) code pairs (each 8 times or more, both halves of every 2-bit
+    plane word), the codebook holds distinct small integers, and row i of x sums the weights at
+    k = i mod x_period. With scales of 1 or powers of two, every sum is an integer below 2^11 (times
+    the scale): any wrong code, swapped pair or misplaced field changes some output, where a
+    relative-error bound could let a few slip through. Returns (x, words, codebook, scales, args)."""
+    n, k = 130, 512
+    pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
+    codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
+    codebook = (torch.randperm(64, generator=torch.Generator().manual_seed(seed)) - 32).half()
+    x = (torch.arange(k)[None, :] % x_period == torch.arange(m)[:, None]).half()
+    return x, pack_codes(codes, 6), codebook, scales, dict(bits=6, group=128, n=n, k=k)
+
+
+def assert_exact(config, x, words, codebook, scales, args):
+    out = torch.full((x.shape[0], args["n"]), float("nan"), dtype=torch.float16, device=DEVICE)
+    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.to(DEVICE), scales.to(DEVICE), out=out, config=config, **args)
+    assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
+
+
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
 @pytest.mark.parametrize("split_k, block_m", [(1, 16), (2, 16), (3, 8)])
 def test_wgmma_kernel_is_exact_on_small_integers(split_k, block_m):
-    # 6-bit codes enumerate all 4096 (even k, odd k) code pairs (each 8 times or more, both
-    # halves of every 2-bit plane word), the codebook holds distinct small integers, the scales
-    # are 1, and row m of x sums the weights at k = m mod 16. Every sum is an integer below 2^11,
-    # so the product is exact in fp16: any wrong code, swapped pair or misplaced field changes
-    # some output, where a relative-error bound could let a few slip through.
-    n, k, m = 130, 512, 16
-    pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
-    codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
-    codebook = (torch.randperm(64, generator=torch.Generator().manual_seed(split_k)) - 32).float()
-    scales = torch.ones(n, 4, dtype=torch.float16)
-    x = (torch.arange(k)[None, :] % 16 == torch.arange(m)[:, None]).half()
-    words = pack_codes(codes, 6)
-    args = dict(bits=6, group=128, n=n, k=k)
-    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
-    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.half().to(DEVICE), scales.to(DEVICE), out=out,
-               config=LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k), **args)
-    assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
+    assert_exact(LaunchConfig("wgmma", block_m, 64, 128, split_k=split_k),
+                 *small_integer_product(16, 16, split_k, torch.ones(130, 4, dtype=torch.float16)))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU")
@@ -299,24 +306,17 @@ def test_wgmma_ring_kernel_matches_reference(bits, scale_format, dtype, shape, g
     assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group)
 
 
+def power_of_two_scales(seed):
+    return (2.0 ** torch.randint(-2, 3, (130, 4), generator=torch.Generator().manual_seed(seed))).half()
+
+
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
 @pytest.mark.parametrize("block_m, block_n, split_k", [(128, 64, 1), (128, 128, 2), (64, 128, 3), (32, 64, 2)])
 def test_wgmma_ring_kernel_is_exact_on_small_integers(block_m, block_n, split_k):
-    # As test_wgmma_kernel_is_exact_on_small_integers, with 100 rows of x (row m sums the weights at
-    # k = m mod 128, four of them) and power-of-two scales, so that scaling the decoded weights in
-    # fp16 is exact too.
-    n, k, m = 130, 512, 100
-    pair = (torch.arange(n * k // 2) % 4096).view(n, k // 2)
-    codes = torch.stack([pair % 64, pair // 64], dim=2).reshape(n, k)
-    codebook = (torch.randperm(64, generator=torch.Generator().manual_seed(split_k)) - 32).float()
-    scales = (2.0 ** torch.randint(-2, 3, (n, 4), generator=torch.Generator().manual_seed(1))).half()
-    x = (torch.arange(k)[None, :] % 128 == torch.arange(m)[:, None]).half()
-    words = pack_codes(codes, 6)
-    args = dict(bits=6, group=128, n=n, k=k)
-    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
-    lut_matmul(x.to(DEVICE), words.to(DEVICE), codebook.half().to(DEVICE), scales.to(DEVICE), out=out,
-               config=LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=3), **args)
-    assert torch.equal(out.cpu().double(), reference_lut_matmul(x, words, codebook, scales, **args))
+    # 100 rows of x (row i sums the weights at k = i mod 128, four of them) and power-of-two
+    # scales, so that scaling the decoded weights in fp16 is exact too.
+    assert_exact(LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=3),
+                 *small_integer_product(100, 128, split_k, power_of_two_scales(1)))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
