@@ -499,19 +499,61 @@ def _g_scale(stored, SCALE_IS_E8M0: gl.constexpr):
 
 
 @gluon.jit
-def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M: gl.constexpr,
-             ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr):
-    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y, or added into it (split K)."""
+def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, sums_ptr, arrivals_ptr, block,
+             BLOCK_M: gl.constexpr, ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr, LAST_CASTS: gl.constexpr):
+    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y. With split K and not LAST_CASTS,
+    added into y (fp32, zeroed before the launch and cast after it). With split K and LAST_CASTS,
+    added into the block's fp32 sums (sums_ptr, M x N); the programs of the block count themselves
+    in (arrivals_ptr[block]), and the last to arrive casts the total into y and leaves sums and
+    count at zero for the next launch (_split_k_workspace). That spares the launch a zeroing and a
+    casting kernel over M x N fp32 sums, but holds every program until its adds and its count have
+    made a round trip to L2: worth it for the ring kernel's few long programs, not for the wgmma
+    kernel's many short ones (kernels/BENCHMARKS.md)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    y_ptrs = (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
-              + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
-    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
-    if SPLIT_K > 1:
-        # Relaxed: the sums need no ordering among themselves (the launch's end publishes them);
-        # the default acq_rel fenced every add with MEMBAR.GPU and invalidated L1 after it.
-        gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    if SPLIT_K > 1 and LAST_CASTS:
+        mask = _g_in_y(offs_m, offs_n, M, N)
+        # 32-bit offsets (M x N < 2^31, see lut_matmul): fewer registers than 64-bit pointers.
+        sums_ptrs = sums_ptr + (gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1))
+        # Relaxed: the sums need no ordering among themselves. Every thread's fence, then the
+        # barrier, then the count's release publish them all to the last program, whose acquire
+        # sees them (one thread's fence would wait for its own adds only).
+        gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
+        gl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, 0;", "=r,r", [gl.arange(0, 128, layout=_G_TABLE)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        if gl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == gl.num_programs(2) - 1:
+            # .cg: from L2, where the other programs' sums are, not from a stale line in L1.
+            total = gl.load(sums_ptrs, mask=mask, cache_modifier=".cg")
+            gl.store(sums_ptrs, gl.zeros_like(total), mask=mask)
+            # y's addresses only now: 64-bit pointers held through the adds spilled.
+            y_ptrs = _g_y_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn)
+            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.store(arrivals_ptr + block, 0)
     else:
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        # Addresses, then mask: in this order the ring kernel at two row blocks compiles as it did
+        # before LAST_CASTS existed (3,240 instructions); with the mask first (above) it compiled to
+        # 3,144 and ran 4-11% slower at M = 128 on the H200.
+        y_ptrs = _g_y_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn)
+        mask = _g_in_y(offs_m, offs_n, M, N)
+        if SPLIT_K > 1:
+            # Relaxed: the sums need no ordering among themselves (the launch's end publishes them);
+            # the default acq_rel fenced every add with MEMBAR.GPU and invalidated L1 after it.
+            gl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _g_y_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn):
+    """Addresses of y[offs_m, offs_n], as a (len(offs_n), len(offs_m)) block of y^T."""
+    return (y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym
+            + gl.expand_dims(offs_n.to(gl.int64), 1) * stride_yn)
+
+
+@gluon.jit
+def _g_in_y(offs_m, offs_n, M, N):
+    """Which elements of that block lie inside y."""
+    return gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
 
 
 @gluon.jit
@@ -595,7 +637,7 @@ def _lut_wgmma_kernel(
     for i in gl.static_range(X_TILES):
         mbarrier.invalidate(ready.index(i))
 
-    _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
+    _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, y_ptr, y_ptr, 0, BLOCK_M, ACC, SPLIT_K, False)
 
 
 # The ring kernel ("wgmma_ring", Hopper; 16 < M <= WGMMA_RING_MAX_M, see launch_config): the wgmma
@@ -624,7 +666,7 @@ def _g_scaled_decode(words0, words1, stored, k0, W1: gl.constexpr, SCALE_IS_E8M0
 
 @gluon.jit
 def _lut_wgmma_ring_kernel(
-    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr,
+    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr, sums_ptr, arrivals_ptr,
     M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
     TABLE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ROW_BLOCKS: gl.constexpr, STAGES: gl.constexpr,
@@ -715,10 +757,15 @@ def _lut_wgmma_ring_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
 
+    # One row block casts its own sums (_g_store's LAST_CASTS); with two, that epilogue's registers
+    # spill, and the launch zeroes and casts them instead.
     offs_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
-    _g_store(y_ptr, acc0, offs_n, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
+    block = pid_m * gl.cdiv(N, G_BLOCK_N) + pid_n
+    _g_store(y_ptr, acc0, offs_n, pid_m, M, N, stride_ym, stride_yn, sums_ptr, arrivals_ptr, block, BLOCK_M, ACC,
+             SPLIT_K, ROW_BLOCKS == 1)
     if ROW_BLOCKS == 2:
-        _g_store(y_ptr, acc1, offs_n + G_BLOCK_N, pid_m, M, N, stride_ym, stride_yn, BLOCK_M, ACC, SPLIT_K)
+        _g_store(y_ptr, acc1, offs_n + G_BLOCK_N, pid_m, M, N, stride_ym, stride_yn, sums_ptr, arrivals_ptr, block,
+                 BLOCK_M, ACC, SPLIT_K, False)
 
 
 @dataclass(frozen=True)
@@ -844,6 +891,26 @@ def _x_descriptor(x: torch.Tensor, block_m: int) -> TensorDescriptor:
     gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
     layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+# Per (device, stream): the ring kernel's split-K sums (fp32) and arrival counts (int32), zero
+# between launches (_g_store with LAST_CASTS): allocated zeroed once, grown when a launch needs more.
+_SPLIT_K_WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_k_workspace(device: torch.device, sums: int, counts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At least `sums` fp32 sums and `counts` int32 arrival counts, all zero, for a launch on the
+    current stream of `device`. Launches on one stream run in order, so one workspace serves
+    them all; another stream gets its own (its launches may run at the same time)."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    held = _SPLIT_K_WORKSPACES.get(key)
+    if held is None or held[0].numel() < sums or held[1].numel() < counts:
+        if held is not None:
+            sums, counts = max(sums, held[0].numel()), max(counts, held[1].numel())
+        held = (torch.zeros(max(1, sums), dtype=torch.float32, device=device),
+                torch.zeros(max(1, counts), dtype=torch.int32, device=device))
+        _SPLIT_K_WORKSPACES[key] = held
+    return held
 
 
 def _word_descriptor(plane: torch.Tensor, n: int, row_words: int) -> TensorDescriptor:
@@ -977,6 +1044,9 @@ def lut_matmul(
                 or config.num_warps != 4 or not 2 <= config.num_stages <= 4):
             raise ValueError("the wgmma_ring kernel takes block_m 16, 32, 64 or 128, block_n 64 or 128 (row blocks of "
                              "64), block_k 128, 4 warps and 2 to 4 stages (num_stages)")
+        if m * n >= 2**31:
+            raise ValueError(f"the wgmma_ring kernel indexes its split-K sums in 32 bits: M x N must be below 2^31, "
+                             f"got {m} x {n}; split x into fewer rows per call")
     elif config.kernel == "wgmma":
         if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
@@ -1024,8 +1094,9 @@ def lut_matmul(
     # The interpreter mishandles bfloat16: its tl.dot multiplies the raw bit patterns
     # (triton-lang/triton#11584) and its fp32 -> bf16 cast truncates. So there the kernel
     # computes and stores in fp32, and torch rounds the result into `out`. Split-K programs
-    # add into fp32 too.
-    if config.split_k > 1:
+    # add into fp32 too (but for the ring kernel's of one row block, which cast their sums themselves).
+    ring_casts = config.kernel == "wgmma_ring" and config.block_n == G_BLOCK_N.value  # see _lut_wgmma_ring_kernel
+    if config.split_k > 1 and not ring_casts:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     elif interpreted:
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
@@ -1054,10 +1125,13 @@ def lut_matmul(
     elif config.kernel == "wgmma_ring":
         x_desc = _x_descriptor(x, config.block_m)
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+        # With one row block a program, the kernel writes `out` itself, split K or not (_g_store, LAST_CASTS).
+        sums, arrivals = _split_k_workspace(x.device, m * n if config.split_k > 1 and ring_casts else 0,
+                                            grid[0] * triton.cdiv(n, G_BLOCK_N.value))
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
         _lut_wgmma_ring_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words,
-                                     codebook.to(x.dtype), scales, y, m, n, k, groups, k_per_split, row_words[0],
-                                     row_words[1], y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
+                                     codebook.to(x.dtype), scales, y, sums, arrivals, m, n, k, groups, k_per_split,
+                                     row_words[0], row_words[1], y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
                                      SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
                                      TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
                                      ROW_BLOCKS=config.block_n // G_BLOCK_N.value, STAGES=config.num_stages,

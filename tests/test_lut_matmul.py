@@ -7,7 +7,7 @@ import torch
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import (
-    PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k,
+    _SPLIT_K_WORKSPACES, PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k,
     wgmma_fits,
 )
 from sopq.formats import encode_scales, num_groups
@@ -317,6 +317,24 @@ def test_wgmma_ring_kernel_is_exact_on_small_integers(block_m, block_n, split_k)
     # scales, so that scaling the decoded weights in fp16 is exact too.
     assert_exact(LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=3),
                  *small_integer_product(100, 128, split_k, power_of_two_scales(1)))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+def test_wgmma_ring_split_k_leaves_its_workspace_at_zero():
+    # The ring kernel's split-K programs add into fp32 sums that the last program of each block
+    # casts into y and sets back to zero, with its arrival count, for the next launch
+    # (_split_k_workspace): launches of different shapes and blocks, on two streams, each exact
+    # (sums left over would add to the next), and every workspace zero after each.
+    launches = [(100, 64, 128, 3), (50, 128, 128, 4), (17, 32, 64, 2), (100, 64, 128, 3)]
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            for seed, (m, block_m, block_n, split_k) in enumerate(launches):
+                assert_exact(LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=2),
+                             *small_integer_product(m, 128, seed, power_of_two_scales(seed)))
+                stream.synchronize()
+                for sums, arrivals in _SPLIT_K_WORKSPACES.values():
+                    assert not sums.any() and not arrivals.any()
+    assert len(_SPLIT_K_WORKSPACES) >= 2  # one per stream
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
