@@ -75,6 +75,12 @@ def sweep_configs(m: int, n: int, k: int, kernel: str) -> list[LaunchConfig]:
         # At block_m 128 four 32 KB stages leave room for one program per SM only.
         return [LaunchConfig("wgmma_ring", block_m, bn, 128, split, num_stages=stages)
                 for bn, stages, split in RING_SWEEP if stages * block_m <= 384]
+    if kernel == "wgmma":
+        if m > WGMMA_MAX_M:
+            return []
+        # K splits of 2 tiles (WGMMA_SPLIT_K) and of 4.
+        wgmma_block_m = launch_config(m, n, k, BITS, interpreted=False).block_m
+        return [LaunchConfig("wgmma", wgmma_block_m, 64, 128, triton.cdiv(k, split)) for split in (256, 512)]
     configs = [LaunchConfig(mma_kernel(bm or block_m), bm or block_m, bn, bk, split, warps)
                for bm, bn, bk, warps, split in MMA_SWEEP if (bm or block_m) <= block_m and m < PANEL_MIN_M]
     # At small M the panel path's time is mostly its decode: a measure of decode throughput.
