@@ -531,8 +531,8 @@ def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, sums_ptr, ar
             gl.store(arrivals_ptr + block, 0)
     else:
         # Addresses, then mask: in this order the ring kernel at two row blocks compiles as it did
-        # before LAST_CASTS existed (3,240 instructions); with the mask first (above) it compiled to
-        # 3,144 and ran 4-11% slower at M = 128 on the H200.
+        # before LAST_CASTS existed (3,240 instructions); an earlier version with the mask first
+        # compiled to 3,144 and ran 4-11% slower at M = 128 on the H200.
         y_ptrs = _g_y_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn)
         mask = _g_in_y(offs_m, offs_n, M, N)
         if SPLIT_K > 1:
@@ -1044,9 +1044,6 @@ def lut_matmul(
                 or config.num_warps != 4 or not 2 <= config.num_stages <= 4):
             raise ValueError("the wgmma_ring kernel takes block_m 16, 32, 64 or 128, block_n 64 or 128 (row blocks of "
                              "64), block_k 128, 4 warps and 2 to 4 stages (num_stages)")
-        if m * n >= 2**31:
-            raise ValueError(f"the wgmma_ring kernel indexes its split-K sums in 32 bits: M x N must be below 2^31, "
-                             f"got {m} x {n}; split x into fewer rows per call")
     elif config.kernel == "wgmma":
         if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte aligned "
@@ -1126,6 +1123,9 @@ def lut_matmul(
         x_desc = _x_descriptor(x, config.block_m)
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
         # With one row block a program, the kernel writes `out` itself, split K or not (_g_store, LAST_CASTS).
+        if ring_casts and config.split_k > 1 and m * n >= 2**31:
+            raise ValueError(f"the wgmma_ring kernel indexes its split-K sums in 32 bits: M x N must be below 2^31, "
+                             f"got {m} x {n}; split x into fewer rows per call")
         sums, arrivals = _split_k_workspace(x.device, m * n if config.split_k > 1 and ring_casts else 0,
                                             grid[0] * triton.cdiv(n, G_BLOCK_N.value))
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
