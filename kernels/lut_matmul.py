@@ -359,6 +359,18 @@ def _lut_dequant_kernel(
              mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
 
+@triton.jit
+def _cast_and_clear_kernel(sums_ptr, out_ptr, numel, N, stride_om, stride_on, BLOCK: tl.constexpr):
+    """out = the (M, N) row-major fp32 split-K sums, in out's dtype, and the sums back to zero
+    (_split_k_workspace): one kernel where zeroing the sums before the launch and casting them after
+    took two."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.load(sums_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs // N * stride_om + offs % N * stride_on, total.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(sums_ptr + offs, tl.zeros_like(total), mask=mask)
+
+
 # The Gluon kernel ("wgmma", Hopper): 4 warps, 64 weight rows x 16 rows of x, K tiles of 128.
 # Each thread decodes exactly the weights it holds in the wgmma A fragment: warp w, lane l has
 # rows 16 w + l / 4 (+ 8) and, in every 16-wide K step f, k = 16 f + 2 (l % 4) (+ 1) (+ 8). A
@@ -792,6 +804,8 @@ class LaunchConfig:
     panel_rows: int = 0
 
 
+# Elements per program of _cast_and_clear_kernel.
+CAST_BLOCK = 1024
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
 PANEL_MIN_M = 512
 # Up to this many rows of x, the Gluon "wgmma" kernel where it fits (wgmma_fits): at M = 16 on the
@@ -893,8 +907,9 @@ def _x_descriptor(x: torch.Tensor, block_m: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
-# Per (device, stream): the ring kernel's split-K sums (fp32) and arrival counts (int32), zero
-# between launches (_g_store with LAST_CASTS): allocated zeroed once, grown when a launch needs more.
+# Per (device, stream): the split-K sums (fp32) and the ring kernel's arrival counts (int32), zero
+# between launches (_g_store with LAST_CASTS, _cast_and_clear_kernel): allocated zeroed once, grown
+# when a launch needs more.
 _SPLIT_K_WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -1091,10 +1106,15 @@ def lut_matmul(
     # The interpreter mishandles bfloat16: its tl.dot multiplies the raw bit patterns
     # (triton-lang/triton#11584) and its fp32 -> bf16 cast truncates. So there the kernel
     # computes and stores in fp32, and torch rounds the result into `out`. Split-K programs
-    # add into fp32 too (but for the ring kernel's of one row block, which cast their sums themselves).
+    # add into fp32 too: on the GPU, into the per-stream workspace, which _cast_and_clear_kernel casts
+    # into `out` and leaves at zero (but for the ring kernel's of one row block, which cast their sums
+    # themselves).
     ring_casts = config.kernel == "wgmma_ring" and config.block_n == G_BLOCK_N.value  # see _lut_wgmma_ring_kernel
     if config.split_k > 1 and not ring_casts:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        if interpreted:
+            y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        else:
+            y = _split_k_workspace(x.device, m * n, 0)[0][:m * n].view(m, n)
     elif interpreted:
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     else:
@@ -1148,8 +1168,11 @@ def lut_matmul(
     else:
         raise ValueError(
             f"config.kernel must be 'mma', 'mma_w', 'wgmma', 'wgmma_ring' or 'panel', got {config.kernel!r}")
-    if y is not out:
+    if interpreted:
         out.copy_(y)
+    elif y is not out:
+        _cast_and_clear_kernel[(triton.cdiv(m * n, CAST_BLOCK),)](y, out, m * n, n, out.stride(0), out.stride(1),
+                                                                BLOCK=CAST_BLOCK)
     return out
 
 

@@ -319,17 +319,21 @@ def test_wgmma_ring_kernel_is_exact_on_small_integers(block_m, block_n, split_k)
                  *small_integer_product(100, 128, split_k, power_of_two_scales(1)))
 
 
-@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
-def test_wgmma_ring_split_k_leaves_its_workspace_at_zero():
-    # The ring kernel's split-K programs add into fp32 sums that the last program of each block
-    # casts into y and sets back to zero, with its arrival count, for the next launch
-    # (_split_k_workspace): launches of different shapes and blocks, on two streams, each exact
-    # (sums left over would add to the next), and every workspace zero after each.
-    launches = [(100, 64, 128, 3), (50, 128, 128, 4), (17, 32, 64, 2), (100, 64, 128, 3)]
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need a Hopper GPU")
+def test_split_k_leaves_the_workspace_at_zero():
+    # Split-K programs add into per-stream fp32 sums that stay zero between launches
+    # (_split_k_workspace): the ring kernel's last program of each 64-row block casts them into y
+    # and sets them, and its arrival count, back to zero; the other kernels' launches end with
+    # _cast_and_clear_kernel. Launches of every kernel, shape and block in turn, on two streams,
+    # each exact (sums left over would add to the next), and every workspace zero after each.
+    launches = [("wgmma_ring", 100, 64, 128, 3), ("wgmma_ring", 50, 128, 128, 4), ("wgmma", 16, 16, 64, 4),
+                ("wgmma_ring", 17, 32, 64, 2), ("wgmma", 3, 8, 64, 2), ("mma", 40, 64, 64, 2),
+                ("wgmma_ring", 100, 64, 128, 3)]
     for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
         with torch.cuda.stream(stream):
-            for seed, (m, block_m, block_n, split_k) in enumerate(launches):
-                assert_exact(LaunchConfig("wgmma_ring", block_m, block_n, 128, split_k=split_k, num_stages=2),
+            for seed, (kernel, m, block_m, block_n, split_k) in enumerate(launches):
+                # fp16 scales the decoded weights exactly in the ring kernel when they are powers of two.
+                assert_exact(LaunchConfig(kernel, block_m, block_n, 128, split_k=split_k, num_stages=2),
                              *small_integer_product(m, 128, seed, power_of_two_scales(seed)))
                 stream.synchronize()
                 for sums, arrivals in _SPLIT_K_WORKSPACES.values():
