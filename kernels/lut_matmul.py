@@ -409,6 +409,9 @@ _G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 _G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
+# A decoded 64 x 128 tile as _lut_dequant_wgmma_kernel stores it: 8 consecutive k a thread, a warp
+# two whole rows (2 x 256 bytes of fp16).
+_G_PANEL_STORE = gl.constexpr(gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0]))
 # The codebook's copy in shared memory: a static array declared in PTX, whose address is a
 # constant that ptxas folds into every lookup (LDS [R + UR]), so the decode's byte offsets need
 # no address arithmetic (gl.gather computed base + 2 code per lookup and stored its own copy of
@@ -568,6 +571,51 @@ def _g_in_y(offs_m, offs_n, M, N):
     return gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
 
 
+@gluon.constexpr_function
+def _g_tiles_per_box1(W1: int) -> int:
+    """K tiles per TMA box of the second plane (a box: 16 words of each of 64 rows, 32 / W1 fields a word)."""
+    return 1 if W1 == 0 else 4 // W1
+
+
+@gluon.constexpr_function
+def _g_boxes1(x_tiles: int, W1: int) -> int:
+    """Boxes of the second plane for x_tiles K tiles (1 when there is no second plane)."""
+    return x_tiles // (4 // W1) if W1 > 0 else 1
+
+
+@gluon.jit
+def _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i: gl.constexpr, k0, n0,
+                  OTHER_BYTES: gl.constexpr, W1: gl.constexpr):
+    """Issue the TMA loads of K tile i's words (at k0, rows n0 to n0 + 63) into w0_smem[i] and, at
+    the first tile of each box of the second plane, that box into w1_smem; ready[i] expects them
+    and OTHER_BYTES more (loads the caller issues on it)."""
+    T1: gl.constexpr = _g_tiles_per_box1(W1)
+    BYTES: gl.constexpr = words0_desc.block_type.nbytes + OTHER_BYTES
+    if W1 > 0 and i % T1 == 0:
+        mbarrier.expect(ready.index(i), BYTES + words1_desc.block_type.nbytes)
+        _tma_load(words1_desc, [k0 // (64 * T1), n0, 0], ready.index(i), w1_smem.index(i // T1))
+    else:
+        mbarrier.expect(ready.index(i), BYTES)
+    _tma_load(words0_desc, [k0 // 64, n0, 0], ready.index(i), w0_smem.index(i))
+
+
+@gluon.jit
+def _g_tile_words(w0_smem, w1_smem, ready, i: gl.constexpr, box1, W1: gl.constexpr):
+    """K tile i's words of both planes (_G_WORDS), once ready[i] has them (_g_load_words), and the
+    box of the second plane they come from: read from shared memory at its first tile, else box1."""
+    T1: gl.constexpr = _g_tiles_per_box1(W1)
+    mbarrier.wait(ready.index(i), 0)
+    words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+    words1 = words0
+    if W1 > 0:
+        if i % T1 == 0:
+            box1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+        words1 = box1
+        if W1 == 1:
+            words1 = box1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
+    return words0, words1, box1
+
+
 @gluon.jit
 def _lut_wgmma_kernel(
     x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr,
@@ -587,7 +635,6 @@ def _lut_wgmma_kernel(
     engine, not the threads, issues them. Tiles past K (a short last split) are computed all the
     same, on the zeros TMA fills x and the words with there, and scaled by 0 (a stored scale may
     be inf)."""
-    T1: gl.constexpr = 1 if W1 == 0 else 4 // W1  # K tiles per box of the second plane
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
     pid_m = gl.program_id(0)
@@ -597,21 +644,14 @@ def _lut_wgmma_kernel(
     n0 = pid_n * G_BLOCK_N
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, BLOCK_M, G_BLOCK_K], x_desc.layout)
     w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
-    W1_BOXES: gl.constexpr = X_TILES // T1 if W1 > 0 else 1
-    w1_smem = gl.allocate_shared_memory(gl.int32, [W1_BOXES, 2, G_BLOCK_N, 8], words1_desc.layout)
+    w1_smem = gl.allocate_shared_memory(gl.int32, [_g_boxes1(X_TILES, W1), 2, G_BLOCK_N, 8], words1_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(X_TILES):
         mbarrier.init(ready.index(i), count=1)
-    TILE_BYTES: gl.constexpr = x_desc.block_type.nbytes + words0_desc.block_type.nbytes
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
         # Words first: they come from memory, x from L2.
-        if W1 > 0 and i % T1 == 0:
-            mbarrier.expect(ready.index(i), TILE_BYTES + words1_desc.block_type.nbytes)
-            _tma_load(words1_desc, [k0 // (64 * T1), n0, 0], ready.index(i), w1_smem.index(i // T1))
-        else:
-            mbarrier.expect(ready.index(i), TILE_BYTES)
-        _tma_load(words0_desc, [k0 // 64, n0, 0], ready.index(i), w0_smem.index(i))
+        _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i, k0, n0, x_desc.block_type.nbytes, W1)
         _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
 
     offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
@@ -623,20 +663,12 @@ def _lut_wgmma_kernel(
     _g_fill_table(table_ptr, TABLE_SIZE)
 
     acc = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
+    box1 = scale_rows  # a placeholder: tile 0 loads the first box of the second plane
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
         if i + 2 < X_TILES:
             stored_far = gl.load(scales_ptr + scale_rows + gl.minimum((k0 + 2 * G_BLOCK_K) // GROUP, last_group))
-        mbarrier.wait(ready.index(i), 0)
-        words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
-        words1 = words0
-        if W1 > 0:
-            # One load of a box of the second plane serves its T1 tiles.
-            if i % T1 == 0:
-                box1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
-            words1 = box1
-            if W1 == 1:
-                words1 = box1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
+        words0, words1, box1 = _g_tile_words(w0_smem, w1_smem, ready, i, box1, W1)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
         scale = gl.where(k0 < K, _g_scale(stored, SCALE_IS_E8M0), 0.0)
         # This tile's product alone (use_acc=False ignores acc), scaled per weight row.
@@ -780,6 +812,51 @@ def _lut_wgmma_ring_kernel(
                  BLOCK_M, ACC, SPLIT_K, False)
 
 
+@gluon.jit
+def _lut_dequant_wgmma_kernel(
+    words0_desc, words1_desc, table_ptr, scales_ptr, w_ptr, row0, rows, N, K, num_groups, stride_wn,
+    W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, TABLE_SIZE: gl.constexpr,
+    X_TILES: gl.constexpr,
+):
+    """Rows row0 to row0 + rows - 1 of W_hat into the panel w (row stride stride_wn, w's dtype), 64
+    rows and X_TILES K tiles a program, for the inputs _lut_wgmma_kernel takes: the panel path's
+    decode on Hopper. Words come by TMA as in that kernel and are decoded and scaled as the ring
+    kernel's (_g_scaled_decode, in w's dtype), then stored in 16-byte vectors, a warp writing whole
+    rows (_G_PANEL_STORE). Stored from the A layout instead, each warp instruction wrote 16 bytes
+    in each of 8 rows, and the panel path ran at 0.57-0.89x its speed with the Triton decode (H200,
+    M = 512 and 2048)."""
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]),
+        k_width=2)
+    DTYPE: gl.constexpr = w_ptr.dtype.element_ty
+    n0 = gl.program_id(0) * G_BLOCK_N
+    k_start = gl.program_id(1) * (X_TILES * G_BLOCK_K)
+    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
+    w1_smem = gl.allocate_shared_memory(gl.int32, [_g_boxes1(X_TILES, W1), 2, G_BLOCK_N, 8], words1_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(X_TILES):
+        mbarrier.init(ready.index(i), count=1)
+    for i in gl.static_range(X_TILES):
+        _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i, k_start + i * G_BLOCK_K, row0 + n0, 0, W1)
+    scale_rows = gl.minimum(row0 + n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A_LAYOUT)),
+                            N - 1).to(gl.int64) * num_groups
+    offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_PANEL_STORE))
+    w_rows = gl.expand_dims(offs_n.to(gl.int64) * stride_wn, 1)
+    in_panel = gl.expand_dims(offs_n < rows, 1)
+    offs_k = gl.expand_dims(gl.arange(0, G_BLOCK_K, layout=gl.SliceLayout(0, _G_PANEL_STORE)), 0)
+    _g_fill_table(table_ptr, TABLE_SIZE)
+    box1 = scale_rows  # a placeholder: tile 0 loads the first box of the second plane
+    for i in gl.static_range(X_TILES):
+        k0 = k_start + i * G_BLOCK_K
+        stored = gl.load(scales_ptr + scale_rows + gl.minimum(k0 // GROUP, num_groups - 1))
+        words0, words1, box1 = _g_tile_words(w0_smem, w1_smem, ready, i, box1, W1)
+        w = _g_scaled_decode(words0, words1, stored, k0, W1, SCALE_IS_E8M0, A_LAYOUT, DTYPE)
+        # K is a multiple of 128 (wgmma_fits): whole tiles lie inside or past it.
+        gl.store(w_ptr + w_rows + (k0 + offs_k), gl.convert_layout(w, _G_PANEL_STORE), mask=in_panel & (k0 < K))
+    for i in gl.static_range(X_TILES):
+        mbarrier.invalidate(ready.index(i))
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Which kernel and how it is launched. block_k must be a multiple of tile_k(bits), so every
@@ -804,6 +881,8 @@ class LaunchConfig:
     panel_rows: int = 0
 
 
+# K tiles per program of _lut_dequant_wgmma_kernel (at least one box of the second plane).
+DEQUANT_TILES = 2
 # Elements per program of _cast_and_clear_kernel.
 CAST_BLOCK = 1024
 # From PANEL_MIN_M rows of x on, the panel path (kernels/BENCHMARKS.md).
@@ -933,6 +1012,14 @@ def _word_descriptor(plane: torch.Tensor, n: int, row_words: int) -> TensorDescr
     eights of words (row_words is a multiple of 16) of every row, read in boxes of two eights of
     64 rows (_G_WORDS_SHAPE)."""
     return TensorDescriptor(plane, [row_words // 8, n, 8], [8, row_words, 1], [2, G_BLOCK_N.value, 8], _G_WORDS_TMA)
+
+
+def _word_descriptors(words: torch.Tensor, n: int, row_words: list[int], widths: tuple[int, ...]) -> list[TensorDescriptor]:
+    """_word_descriptor of each plane of a 4- to 6-bit layer (one or two planes; the Gluon kernels
+    take the last as the second, unused where there is one plane)."""
+    first = n * row_words[0]
+    planes = [words[:first]] + ([words[first:first + n * row_words[1]]] if widths[1] else [])
+    return [_word_descriptor(plane, n, row_words[p]) for p, plane in enumerate(planes)]
 
 
 def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
@@ -1092,15 +1179,26 @@ def lut_matmul(
         if config.panel_rows < 1:
             raise ValueError(f"the panel path needs panel_rows >= 1, got {config.panel_rows}")
         panel = torch.empty(min(config.panel_rows, n), k, dtype=x.dtype, device=x.device)
+        # On Hopper, where the wgmma kernel could take the product, its decode (_lut_dequant_wgmma_kernel).
+        gluon_decode = not interpreted and wgmma_fits(x, bits, group, k, words)
+        if gluon_decode:
+            word_descs = _word_descriptors(words, n, row_words, widths)
+            x_tiles = max(DEQUANT_TILES, _g_tiles_per_box1(widths[1]))
         for n0 in range(0, n, panel.shape[0]):
             rows = min(panel.shape[0], n - n0)
-            # Row n0 of every plane and of the scales: the panel is a layer of `rows` rows.
-            _lut_dequant_kernel[(triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_k))](
-                words[n0 * row_words[0]:], codebook, scales[n0:], panel,
-                rows, k, groups, row_words[0], row_words[1], row_words[2],
-                plane_base1 - n0 * row_words[0] + n0 * row_words[1] if widths[1] else 0,
-                plane_base2 - n0 * row_words[0] + n0 * row_words[2] if widths[2] else 0,
-                panel.stride(0), **constants)
+            if gluon_decode:
+                _lut_dequant_wgmma_kernel[(triton.cdiv(rows, G_BLOCK_N.value), triton.cdiv(k, x_tiles * G_BLOCK_K.value))](
+                    word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, panel, n0, rows, n, k, groups,
+                    panel.stride(0), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
+                    TABLE_SIZE=2**bits, X_TILES=x_tiles, num_warps=4)
+            else:
+                # Row n0 of every plane and of the scales: the panel is a layer of `rows` rows.
+                _lut_dequant_kernel[(triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_k))](
+                    words[n0 * row_words[0]:], codebook, scales[n0:], panel,
+                    rows, k, groups, row_words[0], row_words[1], row_words[2],
+                    plane_base1 - n0 * row_words[0] + n0 * row_words[1] if widths[1] else 0,
+                    plane_base2 - n0 * row_words[0] + n0 * row_words[2] if widths[2] else 0,
+                    panel.stride(0), **constants)
             torch.matmul(x, panel[:rows].T, out=out[:, n0:n0 + rows])
         return out
     # The interpreter mishandles bfloat16: its tl.dot multiplies the raw bit patterns
@@ -1127,10 +1225,9 @@ def lut_matmul(
     splits = triton.cdiv(k, k_per_split)
     if config.kernel == "wgmma":
         x_desc = _x_descriptor(x, config.block_m)
-        planes = [words[:plane_base1] if widths[1] else words, words[plane_base1:plane_base2 if widths[2] else None]]
-        word_descs = [_word_descriptor(plane, n, row_words[p]) for p, plane in enumerate(planes[:2 if widths[1] else 1])]
-        # Whole boxes of the second plane per split (one spans 4 // W1 K tiles).
-        split_unit = G_BLOCK_K.value * (4 // widths[1] if widths[1] else 1)
+        word_descs = _word_descriptors(words, n, row_words, widths)
+        # Whole boxes of the second plane per split.
+        split_unit = G_BLOCK_K.value * _g_tiles_per_box1(widths[1])
         k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
         # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).

@@ -227,6 +227,24 @@ def test_wgmma_kernel_matches_reference(bits, scale_format, dtype, shape, group,
                                           dtype, shape, group)
 
 
+# The panel path decodes with _lut_dequant_wgmma_kernel wherever the wgmma kernel fits: the same
+# cases, in panels of 64 rows (N = 70, 100 and 130 end with a partial one; K = 384 with a K tile
+# past K in the last program).
+@pytest.mark.skipif(not HOPPER, reason="the panel path's Gluon decode needs a Hopper GPU")
+@pytest.mark.parametrize("bits, scale_format, dtype, shape, group", [case[:5] for case in WGMMA_CASES])
+def test_panel_gluon_decode_matches_reference(bits, scale_format, dtype, shape, group):
+    m, n, k = shape
+    assert wgmma_fits(torch.empty(m, k, dtype=dtype, device=DEVICE), bits, group or k, k)
+    assert_gluon_kernel_matches_reference(LaunchConfig("panel", 0, 64, 256, panel_rows=64), bits, scale_format, dtype,
+                                          shape, group)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the panel path's Gluon decode needs a Hopper GPU")
+def test_panel_gluon_decode_is_exact_on_small_integers():
+    # Power-of-two scales times small integers are exact in fp16, so every decoded weight is.
+    assert_exact(LaunchConfig("panel", 0, 64, 256, panel_rows=64), *small_integer_product(100, 128, 5, power_of_two_scales(5)))
+
+
 def assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group):
     """lut_matmul with this configuration of a Gluon kernel: finite everywhere (outputs start as
     NaN) and within 1e-2 of the float64 reference; group None is one group per row."""
