@@ -825,9 +825,8 @@ def _lut_dequant_wgmma_kernel(
     rows (_G_PANEL_STORE). Stored from the A layout instead, each warp instruction wrote 16 bytes
     in each of 8 rows, and the panel path ran at 0.57-0.89x its speed with the Triton decode (H200,
     M = 512 and 2048)."""
-    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(
-        operand_index=0, parent=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]),
-        k_width=2)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     n0 = gl.program_id(0) * G_BLOCK_N
     k_start = gl.program_id(1) * (X_TILES * G_BLOCK_K)
@@ -934,19 +933,27 @@ PANEL_BYTES = 32 << 20
 # then take the rows for PANEL_MIN_WAVES waves of 128 x 128 output tiles, out of L2, up to
 # PANEL_MAX_BYTES of scratch. On the H200 at (8192, 28672), M = 2048: 576 rows 0.78x fp16, 1536
 # 0.85x, 4096 0.86x; M = 512: 0.55x, 0.60x, 0.66x. At K = 8192, M = 2048 the 2048 rows of 32 MB
-# (1.9 waves) were 1.01-1.07x faster than 4096 (kernels/BENCHMARKS.md).
-PANEL_MIN_WAVES = 1.5
+# (1.9 waves) were 1.01-1.07x faster than 4096. Two waves rather than 1.5 (with the Gluon decode,
+# three runs each, alternating in one call): M = 512 at K = 8192, 0.65-0.67x -> 0.71x and
+# 0.67-0.68x -> 0.69-0.70x fp16; M = 2048 at (4096, 11008), 0.83-0.85x -> 0.89-1.00x, at
+# (8192, 28672), 0.85-0.88x -> 0.87-0.92x; the other shapes within the runs' spread
+# (kernels/BENCHMARKS.md).
+PANEL_MIN_WAVES = 2.0
 PANEL_MAX_BYTES = 128 << 20
+# Panels are a multiple of this many rows: cuBLAS's output tiles span up to 256, and at (8192, 28672),
+# M = 2048 a panel of 2112 rows ran at 0.85x fp16 against 0.93x for 2048 (H200, one run).
+PANEL_ROWS_UNIT = 256
 
 
 def panel_rows(m: int, n: int, k: int, sms: int) -> int:
     """Rows of W_hat per decoded panel for an (m, k) x (k, n) product (2-byte activations; fp32
     panels take twice the bytes): PANEL_BYTES' worth, or enough for PANEL_MIN_WAVES waves of
-    cuBLAS's output tiles, within PANEL_MAX_BYTES; a multiple of 64."""
+    cuBLAS's output tiles, within PANEL_MAX_BYTES; a multiple of PANEL_ROWS_UNIT, or all N rows
+    (rounded up to 64) where that is fewer."""
     rows = PANEL_BYTES // (2 * k)
     if m * rows < PANEL_MIN_WAVES * sms * 128 * 128:
         rows = min(int(PANEL_MIN_WAVES * sms * 128 * 128) // m, PANEL_MAX_BYTES // (2 * k))
-    return min(max(64, rows // 64 * 64), triton.cdiv(n, 64) * 64)
+    return min(max(PANEL_ROWS_UNIT, rows // PANEL_ROWS_UNIT * PANEL_ROWS_UNIT), triton.cdiv(n, 64) * 64)
 
 
 # Rows per program in the interpreter: a layer of up to this many rows is one program; larger
@@ -1014,7 +1021,8 @@ def _word_descriptor(plane: torch.Tensor, n: int, row_words: int) -> TensorDescr
     return TensorDescriptor(plane, [row_words // 8, n, 8], [8, row_words, 1], [2, G_BLOCK_N.value, 8], _G_WORDS_TMA)
 
 
-def _word_descriptors(words: torch.Tensor, n: int, row_words: list[int], widths: tuple[int, ...]) -> list[TensorDescriptor]:
+def _word_descriptors(words: torch.Tensor, n: int, row_words: list[int],
+                      widths: tuple[int, ...]) -> list[TensorDescriptor]:
     """_word_descriptor of each plane of a 4- to 6-bit layer (one or two planes; the Gluon kernels
     take the last as the second, unused where there is one plane)."""
     first = n * row_words[0]
@@ -1187,7 +1195,8 @@ def lut_matmul(
         for n0 in range(0, n, panel.shape[0]):
             rows = min(panel.shape[0], n - n0)
             if gluon_decode:
-                _lut_dequant_wgmma_kernel[(triton.cdiv(rows, G_BLOCK_N.value), triton.cdiv(k, x_tiles * G_BLOCK_K.value))](
+                grid = (triton.cdiv(rows, G_BLOCK_N.value), triton.cdiv(k, x_tiles * G_BLOCK_K.value))
+                _lut_dequant_wgmma_kernel[grid](
                     word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, panel, n0, rows, n, k, groups,
                     panel.stride(0), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
                     TABLE_SIZE=2**bits, X_TILES=x_tiles, num_warps=4)

@@ -7,8 +7,8 @@ import torch
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import (
-    _SPLIT_K_WORKSPACES, PANEL_BYTES, PANEL_MAX_BYTES, LaunchConfig, launch_config, panel_rows, scale_mode, tile_k,
-    wgmma_fits,
+    _SPLIT_K_WORKSPACES, PANEL_BYTES, PANEL_MAX_BYTES, PANEL_ROWS_UNIT, LaunchConfig, launch_config, panel_rows,
+    scale_mode, tile_k, wgmma_fits,
 )
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
@@ -242,7 +242,8 @@ def test_panel_gluon_decode_matches_reference(bits, scale_format, dtype, shape, 
 @pytest.mark.skipif(not HOPPER, reason="the panel path's Gluon decode needs a Hopper GPU")
 def test_panel_gluon_decode_is_exact_on_small_integers():
     # Power-of-two scales times small integers are exact in fp16, so every decoded weight is.
-    assert_exact(LaunchConfig("panel", 0, 64, 256, panel_rows=64), *small_integer_product(100, 128, 5, power_of_two_scales(5)))
+    assert_exact(LaunchConfig("panel", 0, 64, 256, panel_rows=64),
+                 *small_integer_product(100, 128, 5, power_of_two_scales(5)))
 
 
 def assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group):
@@ -386,16 +387,18 @@ def test_wgmma_ring_kernel_rejects_bad_blocks(config):
 
 
 def test_panel_rows_fill_the_gpu_within_the_scratch_bound():
-    # An L2-sized panel where its product has enough output tiles (K = 8192, M = 2048: 2048 rows,
-    # 32 MB); a long K widens the panel past L2 (576 rows would be 72 tiles for 132 SMs), never
-    # past PANEL_MAX_BYTES; rows are a multiple of 64 and no more than N rounded up to 64.
+    # K = 8192, M = 2048: two waves of output tiles take 2112 rows, a multiple of 256 is 2048, an
+    # L2-sized panel (32 MB); a long K widens the panel past L2 (576 rows would be 72 tiles for
+    # 132 SMs), never past PANEL_MAX_BYTES; rows are a multiple of PANEL_ROWS_UNIT, or all N rows
+    # rounded up to 64 where that is fewer.
     assert panel_rows(2048, 8192, 8192, 132) * 2 * 8192 == PANEL_BYTES
     wide = panel_rows(2048, 8192, 28672, 132)
     assert wide > PANEL_BYTES // (2 * 28672) and wide * 2 * 28672 <= PANEL_MAX_BYTES
     assert panel_rows(512, 8192, 28672, 132) * 2 * 28672 <= PANEL_MAX_BYTES
     for m, n, k in [(512, 100, 4096), (2048, 4096, 11008), (600, 33000, 1024)]:
         rows = panel_rows(m, n, k, 132)
-        assert rows % 64 == 0 and 64 <= rows <= -(-n // 64) * 64
+        assert rows % PANEL_ROWS_UNIT == 0 or rows == -(-n // 64) * 64
+        assert 64 <= rows <= -(-n // 64) * 64
 
 
 @pytest.mark.parametrize("bits, k, group", [(7, 512, 128), (6, 600, 128), (6, 512, 64)])
