@@ -584,6 +584,18 @@ def _g_boxes1(x_tiles: int, W1: int) -> int:
 
 
 @gluon.jit
+def _g_words_buffers(words0_desc, words1_desc, X_TILES: gl.constexpr, W1: gl.constexpr):
+    """Shared memory for X_TILES K tiles' words of both planes (_g_load_words) and their barriers,
+    initialized: (w0_smem, w1_smem, ready)."""
+    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
+    w1_smem = gl.allocate_shared_memory(gl.int32, [_g_boxes1(X_TILES, W1), 2, G_BLOCK_N, 8], words1_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(X_TILES):
+        mbarrier.init(ready.index(i), count=1)
+    return w0_smem, w1_smem, ready
+
+
+@gluon.jit
 def _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i: gl.constexpr, k0, n0,
                   OTHER_BYTES: gl.constexpr, W1: gl.constexpr):
     """Issue the TMA loads of K tile i's words (at k0, rows n0 to n0 + 63) into w0_smem[i] and, at
@@ -643,11 +655,7 @@ def _lut_wgmma_kernel(
     k_start = pid_k * k_per_split
     n0 = pid_n * G_BLOCK_N
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [X_TILES, BLOCK_M, G_BLOCK_K], x_desc.layout)
-    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
-    w1_smem = gl.allocate_shared_memory(gl.int32, [_g_boxes1(X_TILES, W1), 2, G_BLOCK_N, 8], words1_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(X_TILES):
-        mbarrier.init(ready.index(i), count=1)
+    w0_smem, w1_smem, ready = _g_words_buffers(words0_desc, words1_desc, X_TILES, W1)
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
         # Words first: they come from memory, x from L2.
@@ -830,11 +838,7 @@ def _lut_dequant_wgmma_kernel(
     DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     n0 = gl.program_id(0) * G_BLOCK_N
     k_start = gl.program_id(1) * (X_TILES * G_BLOCK_K)
-    w0_smem = gl.allocate_shared_memory(gl.int32, [X_TILES, 2, G_BLOCK_N, 8], words0_desc.layout)
-    w1_smem = gl.allocate_shared_memory(gl.int32, [_g_boxes1(X_TILES, W1), 2, G_BLOCK_N, 8], words1_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [X_TILES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(X_TILES):
-        mbarrier.init(ready.index(i), count=1)
+    w0_smem, w1_smem, ready = _g_words_buffers(words0_desc, words1_desc, X_TILES, W1)
     for i in gl.static_range(X_TILES):
         _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i, k_start + i * G_BLOCK_K, row0 + n0, 0, W1)
     scale_rows = gl.minimum(row0 + n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A_LAYOUT)),
