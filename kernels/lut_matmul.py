@@ -831,7 +831,7 @@ def _lut_dequant_wgmma_kernel(
     decode on Hopper. Words come by TMA as in that kernel and are decoded and scaled as the ring
     kernel's (_g_scaled_decode, in w's dtype), then stored in 16-byte vectors, a warp writing whole
     rows (_G_PANEL_STORE). Stored from the A layout instead, each warp instruction wrote 16 bytes
-    in each of 8 rows, and the panel path ran at 0.57-0.89x its speed with the Triton decode (H200,
+    in each of 8 rows, and the panel path ran at 0.55-0.89x its speed with the Triton decode (H200,
     M = 512 and 2048)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -945,7 +945,7 @@ PANEL_BYTES = 32 << 20
 PANEL_MIN_WAVES = 2.0
 PANEL_MAX_BYTES = 128 << 20
 # Panels are a multiple of this many rows: cuBLAS's output tiles span up to 256, and at (8192, 28672),
-# M = 2048 a panel of 2112 rows ran at 0.85x fp16 against 0.93x for 2048 (H200, one run).
+# M = 2048 a panel of 2112 rows ran at 0.85x fp16 against 0.92x for 2048 (H200, one run).
 PANEL_ROWS_UNIT = 256
 
 
