@@ -1006,16 +1006,16 @@ _SPLIT_K_WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = 
 def _split_k_workspace(device: torch.device, sums: int, counts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At least `sums` fp32 sums and `counts` int32 arrival counts, all zero, for a launch on the
     current stream of `device`. Launches on one stream run in order, so one workspace serves
-    them all; another stream gets its own (its launches may run at the same time)."""
+    them all; another stream gets its own (its launches may run at the same time). Each part is
+    replaced only when too small, so a launch that asks twice (the ring kernel's y, then its
+    counts) keeps the sums it was given first."""
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    held = _SPLIT_K_WORKSPACES.get(key)
-    if held is None or held[0].numel() < sums or held[1].numel() < counts:
-        if held is not None:
-            sums, counts = max(sums, held[0].numel()), max(counts, held[1].numel())
-        held = (torch.zeros(max(1, sums), dtype=torch.float32, device=device),
-                torch.zeros(max(1, counts), dtype=torch.int32, device=device))
-        _SPLIT_K_WORKSPACES[key] = held
-    return held
+    held = list(_SPLIT_K_WORKSPACES.get(key, (None, None)))
+    for part, (size, dtype) in enumerate(((sums, torch.float32), (counts, torch.int32))):
+        if held[part] is None or held[part].numel() < size:
+            held[part] = torch.zeros(max(1, size), dtype=dtype, device=device)
+    _SPLIT_K_WORKSPACES[key] = (held[0], held[1])
+    return held[0], held[1]
 
 
 def _word_descriptor(plane: torch.Tensor, n: int, row_words: int) -> TensorDescriptor:
@@ -1196,12 +1196,13 @@ def lut_matmul(
         if gluon_decode:
             word_descs = _word_descriptors(words, n, row_words, widths)
             x_tiles = max(DEQUANT_TILES, _g_tiles_per_box1(widths[1]))
+            table = codebook.to(x.dtype)  # decoded in x's dtype, as in the ring kernel
         for n0 in range(0, n, panel.shape[0]):
             rows = min(panel.shape[0], n - n0)
             if gluon_decode:
                 grid = (triton.cdiv(rows, G_BLOCK_N.value), triton.cdiv(k, x_tiles * G_BLOCK_K.value))
                 _lut_dequant_wgmma_kernel[grid](
-                    word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, panel, n0, rows, n, k, groups,
+                    word_descs[0], word_descs[-1], table, scales, panel, n0, rows, n, k, groups,
                     panel.stride(0), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
                     TABLE_SIZE=2**bits, X_TILES=x_tiles, num_warps=4)
             else:

@@ -345,9 +345,10 @@ def test_split_k_leaves_the_workspace_at_zero():
     # and sets them, and its arrival count, back to zero; the other kernels' launches end with
     # _cast_and_clear_kernel. Launches of every kernel, shape and block in turn, on two streams,
     # each exact (sums left over would add to the next), and every workspace zero after each.
+    # (The sixth needs more arrival counts than any before it: the counts grow, the sums stay.)
     launches = [("wgmma_ring", 100, 64, 128, 3), ("wgmma_ring", 50, 128, 128, 4), ("wgmma", 16, 16, 64, 4),
-                ("wgmma_ring", 17, 32, 64, 2), ("wgmma", 3, 8, 64, 2), ("mma", 40, 64, 64, 2),
-                ("wgmma_ring", 100, 64, 128, 3)]
+                ("wgmma_ring", 17, 32, 64, 2), ("wgmma", 3, 8, 64, 2), ("wgmma_ring", 100, 16, 128, 2),
+                ("mma", 40, 64, 64, 2), ("wgmma_ring", 100, 64, 128, 3)]
     for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
         with torch.cuda.stream(stream):
             for seed, (kernel, m, block_m, block_n, split_k) in enumerate(launches):
