@@ -163,6 +163,25 @@ def test_strided_x_and_fresh_output():
     assert relative_error(y, reference_lut_matmul(x, words, codebook, scales, **args)) < 1e-4
 
 
+def test_split_k_sums_reach_a_strided_out_and_nothing_else():
+    # Split-K sums reach `out` through its strides (on the GPU by _cast_and_clear_kernel, in the
+    # interpreter by a copy): a column slice of a wider buffer, whose other columns stay as they
+    # were, and a transposed view.
+    n, k, m, bits, group = 40, 256, 5, 6, 128
+    _, words, codebook, scales = make_layer(n, k, bits, group, "fp16", seed=11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    args = dict(bits=bits, group=group, n=n, k=k, config=LaunchConfig("mma", 16, 16, 128, split_k=2))
+    inputs = [t.to(DEVICE) for t in (x, words, codebook, scales)]
+    y_ref = reference_lut_matmul(x, words, codebook, scales, bits=bits, group=group, n=n, k=k)
+    wide = torch.full((m, n + 7), float("nan"), device=DEVICE)
+    lut_matmul(*inputs, out=wide[:, 3:3 + n], **args)
+    assert relative_error(wide[:, 3:3 + n], y_ref) < 1e-4
+    assert torch.isnan(wide[:, :3]).all() and torch.isnan(wide[:, 3 + n:]).all()
+    transposed = torch.full((n, m), float("nan"), device=DEVICE).T
+    lut_matmul(*inputs, out=transposed, **args)
+    assert relative_error(transposed, y_ref) < 1e-4
+
+
 def test_nan_in_codebook_reaches_output():
     n, k, m, bits, group = 20, 70, 3, 5, 32
     codes, words, codebook, scales = make_layer(n, k, bits, group, "fp16", seed=3)
