@@ -21,9 +21,12 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
 - _lut_wgmma_ring_kernel (Gluon, Hopper; 16 < M <= WGMMA_RING_MAX_M where wgmma_fits): the
   same decode for up to 128 rows of x, whose tiles come by TMA through a ring of shared-memory
   buffers; asynchronous wgmmas overlap the next tile's decode.
-- panel path (M >= PANEL_MIN_M): _lut_dequant_kernel decodes an L2-sized panel of W_hat rows
-  into a scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
-With split_k > 1 the programs add their partial sums into an fp32 buffer with (relaxed) atomics.
+- panel path (M >= PANEL_MIN_M): _lut_dequant_kernel (on Hopper where wgmma_fits,
+  _lut_dequant_wgmma_kernel, the Gluon kernels' decode) decodes a panel of W_hat rows into a
+  scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
+With split_k > 1 the programs add their partial sums with (relaxed) atomics into a per-stream fp32
+workspace kept at zero between launches (_split_k_workspace), which _cast_and_clear_kernel casts
+into the output (or, for the ring kernel at one row block, the last program of each block).
 lut_matmul picks the kernel and launch configuration from M (launch_config); speeds and where
 the time goes: kernels/BENCHMARKS.md.
 """
@@ -516,14 +519,15 @@ def _g_scale(stored, SCALE_IS_E8M0: gl.constexpr):
 @gluon.jit
 def _g_store(y_ptr, acc, offs_n, pid_m, M, N, stride_ym, stride_yn, sums_ptr, arrivals_ptr, block,
              BLOCK_M: gl.constexpr, ACC_LAYOUT: gl.constexpr, SPLIT_K: gl.constexpr, LAST_CASTS: gl.constexpr):
-    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y. With split K and not LAST_CASTS,
-    added into y (fp32, zeroed before the launch and cast after it). With split K and LAST_CASTS,
-    added into the block's fp32 sums (sums_ptr, M x N); the programs of the block count themselves
-    in (arrivals_ptr[block]), and the last to arrive casts the total into y and leaves sums and
-    count at zero for the next launch (_split_k_workspace). That spares the launch a zeroing and a
-    casting kernel over M x N fp32 sums, but holds every program until its adds and its count have
-    made a round trip to L2: worth it for the ring kernel's few long programs, not for the wgmma
-    kernel's many short ones (kernels/BENCHMARKS.md)."""
+    """A program's (64, BLOCK_M) block of y^T (rows offs_n) into y. With split K and not
+    LAST_CASTS, added into y (the fp32 workspace, cast after the launch by _cast_and_clear_kernel).
+    With split K and LAST_CASTS, added into the block's fp32 sums (sums_ptr, M x N); the programs
+    of the block count themselves in (arrivals_ptr[block]), and the last to arrive casts the total
+    into y and leaves sums and count at zero for the next launch (_split_k_workspace). That spares
+    the launch its kernels over the M x N fp32 sums (measured against a zeroing and a casting one),
+    but holds every program until its adds and its count have made a round trip to L2: worth it
+    for the ring kernel's few long programs, not for the wgmma kernel's many short ones
+    (kernels/BENCHMARKS.md)."""
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
     if SPLIT_K > 1 and LAST_CASTS:
         mask = _g_in_y(offs_m, offs_n, M, N)
@@ -580,7 +584,7 @@ def _g_tiles_per_box1(W1: int) -> int:
 @gluon.constexpr_function
 def _g_boxes1(x_tiles: int, W1: int) -> int:
     """Boxes of the second plane for x_tiles K tiles (1 when there is no second plane)."""
-    return x_tiles // (4 // W1) if W1 > 0 else 1
+    return x_tiles // _g_tiles_per_box1(W1) if W1 > 0 else 1
 
 
 @gluon.jit
@@ -810,7 +814,7 @@ def _lut_wgmma_ring_kernel(
         mbarrier.invalidate(x_ready.index(s))
 
     # One row block casts its own sums (_g_store's LAST_CASTS); with two, that epilogue's registers
-    # spill, and the launch zeroes and casts them instead.
+    # spill, and the launch's _cast_and_clear_kernel casts them instead.
     offs_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
     block = pid_m * gl.cdiv(N, G_BLOCK_N) + pid_n
     _g_store(y_ptr, acc0, offs_n, pid_m, M, N, stride_ym, stride_yn, sums_ptr, arrivals_ptr, block, BLOCK_M, ACC,
@@ -1090,7 +1094,7 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
     # Split K into enough programs that every SM has several waves of them to hide memory and
     # shared-memory latency (measured best on an H200 at M <= 16: 8 splits of (8192, 8192), 4 of
     # (28672, 8192) and (4096, 4096)); the 128-row tiles are bound by their register use instead
-    # and take fewer. A split costs two more launches (zeroing and casting the fp32 sums, ~2 us).
+    # and take fewer. A split costs one more launch (_cast_and_clear_kernel over the fp32 sums).
     programs_per_sm = 16 if block_m <= 64 else 2
     split_k = max(1, min(8, (programs_per_sm * sms) // tiles, k // 1024))
     return LaunchConfig(mma_kernel(block_m), block_m, block_n, 128, split_k, num_warps=4, num_stages=3)
