@@ -371,6 +371,11 @@ def _cast_and_clear_kernel(sums_ptr, out_ptr, numel, N, stride_om, stride_on, BL
     mask = offs < numel
     total = tl.load(sums_ptr + offs, mask=mask)
     tl.store(out_ptr + offs // N * stride_om + offs % N * stride_on, total.to(out_ptr.dtype.element_ty), mask=mask)
+    # Triton lays the load and the zeroing store out differently (8 and 4 elements a thread on
+    # sm_90), so a sum is zeroed by another warp than the one that reads it: without the barrier,
+    # some sums were zeroed before they were read (H200, 64 x 40960 split-K sums: 1e-2 relative
+    # error). Every warp has read its sums (its store above consumed them) before any zeroes one.
+    tl.debug_barrier()
     tl.store(sums_ptr + offs, tl.zeros_like(total), mask=mask)
 
 

@@ -4,11 +4,12 @@ import itertools
 
 import pytest
 import torch
+import triton
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import (
-    _SPLIT_K_WORKSPACES, PANEL_BYTES, PANEL_MAX_BYTES, PANEL_ROWS_UNIT, LaunchConfig, launch_config, panel_rows,
-    scale_mode, tile_k, wgmma_fits,
+    _SPLIT_K_WORKSPACES, CAST_BLOCK, PANEL_BYTES, PANEL_MAX_BYTES, PANEL_ROWS_UNIT, LaunchConfig,
+    _cast_and_clear_kernel, launch_config, panel_rows, scale_mode, tile_k, wgmma_fits,
 )
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
@@ -378,6 +379,23 @@ def test_split_k_leaves_the_workspace_at_zero():
                 for sums, arrivals in _SPLIT_K_WORKSPACES.values():
                     assert not sums.any() and not arrivals.any()
     assert len(_SPLIT_K_WORKSPACES) >= 2  # one per stream
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the race needs a GPU's warps running at once")
+def test_cast_and_clear_reads_every_sum_before_zeroing_it():
+    # Triton lays out the kernel's load and its zeroing store differently, so other warps zero the
+    # sums a warp reads: on the H200, without a barrier between them, some of 64 x 40960 sums were
+    # zeroed before they were read (a ring launch at two row blocks and split K lost 1e-2 of y).
+    m, n = 64, 40960
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(3):
+        sums = torch.randn(m * n, generator=generator, device="cuda")
+        expected = sums.half().view(m, n)
+        out = torch.empty(m, n, dtype=torch.float16, device="cuda")
+        _cast_and_clear_kernel[(triton.cdiv(m * n, CAST_BLOCK),)](sums, out, m * n, n, out.stride(0), out.stride(1),
+                                                                BLOCK=CAST_BLOCK)
+        assert torch.equal(out, expected)
+        assert not sums.any()
 
 
 @pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
