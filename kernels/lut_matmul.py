@@ -19,8 +19,8 @@ where a whole K tile lies in one group, the tile's product. W_hat is never held 
   a program's short K split reads (x's slice and the words of both planes) comes by TMA into
   shared memory at once, before its loop.
 - _lut_wgmma_ring_kernel (Gluon, Hopper; 16 < M <= WGMMA_RING_MAX_M where wgmma_fits): the
-  same decode for up to 128 rows of x, whose tiles come by TMA through a ring of shared-memory
-  buffers; asynchronous wgmmas overlap the next tile's decode.
+  same decode for up to 128 rows of x, whose tiles and the words come by TMA through rings of
+  shared-memory buffers; asynchronous wgmmas overlap the next tile's decode.
 - panel path (M >= PANEL_MIN_M): _lut_dequant_kernel (on Hopper where wgmma_fits,
   _lut_dequant_wgmma_kernel, the Gluon kernels' decode) decodes a panel of W_hat rows into a
   scratch buffer and torch.matmul (cuBLAS) multiplies it; the decode is shared by all M.
@@ -413,8 +413,7 @@ _G_WORDS = gl.constexpr(_G_WORDS_LAYOUT)
 _G_WORDS_SHAPE = gl.constexpr([4, 2, 8, 1, 1, 2, 8])
 _G_WORDS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [6, 4, 3, 2, 1, 0, 5]))
 _G_WORDS_TMA = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-# 1-D layouts of the dimensions that aranges index: the words' (warp, h, r) and (jh, jl), the codes' b and sp.
-_G_W0, _G_W1, _G_W2, _G_W5, _G_W6 = (_axis_layout(_G_WORDS_LAYOUT, d) for d in (0, 1, 2, 5, 6))
+# 1-D layouts of the dimensions that aranges index: the codes' b and sp.
 _G_C3, _G_C4 = (_axis_layout(_G_CODES_LAYOUT, d) for d in (3, 4))
 _G_TABLE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
 # A decoded 64 x 128 tile as _lut_dequant_wgmma_kernel stores it: 8 consecutive k a thread, a warp
@@ -448,30 +447,6 @@ def _index(N: gl.constexpr, DIM: gl.constexpr, AXIS_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _g_words(plane, row_words, rows, j, k0, WIDTH: gl.constexpr, ALIGN: gl.constexpr = True):
-    """The words of one plane for K tile k0 (in the layout of rows and j, _G_WORDS), with
-    ALIGN shifted so that the tile's 8 fields start at bit 0 (a plane of 32 / WIDTH > 8 fields per
-    word serves several K tiles)."""
-    PER_WORD: gl.constexpr = 32 // WIDTH
-    words = gl.load(plane + rows * row_words + k0 // (16 * PER_WORD) * 16 + j)
-    if ALIGN and PER_WORD > 8:
-        words = words >> (k0 // 128 % (PER_WORD // 8) * (8 * WIDTH))
-    return words
-
-
-@gluon.jit
-def _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows, j, scales_ptr, scale_rows, k0,
-                   W1: gl.constexpr, GROUP: gl.constexpr):
-    """K tile k0's words of both planes (_g_words; a 2-bit plane's unshifted, see _g_decode) and
-    its stored group scales (rows scale_rows / num_groups, in the accumulator's row layout)."""
-    words0 = _g_words(plane0, row_words0, rows, j, k0, 4)
-    words1 = words0
-    if W1 > 0:
-        words1 = _g_words(plane1, row_words1, rows, j, k0, W1, W1 != 2)
-    return words0, words1, gl.load(scales_ptr + scale_rows + k0 // GROUP)
-
-
-@gluon.jit
 def _g_fill_table(table_ptr, TABLE_SIZE: gl.constexpr):
     """Declare the codebook's shared-memory copy (_TABLE_ASM) and fill it from table_ptr
     (threads past TABLE_SIZE store a copy of an entry). The lookups (pure asm, invisible to the
@@ -491,7 +466,7 @@ def _g_decode(words0, words1, k0, W1: gl.constexpr, DTYPE: gl.constexpr, A_LAYOU
     """The K tile's codebook values (x's dtype) in the wgmma A layout, four codes at a time as
     in _codes, but each byte b of quads holds twice the code of field 2 b + sp: the byte offset
     of its entry in the shared table, which one prmt extracts and the load takes as it is.
-    A 2-bit plane's words come unshifted (_g_words ALIGN false): K tile k0 is half k0 // 128 % 2."""
+    A 2-bit plane's words come unshifted (a box serves two K tiles): K tile k0 is half k0 // 128 % 2."""
     b = _index(4, 3, _G_C3)
     sp = _index(2, 4, _G_C4)
     words0 = gl.convert_layout(words0, _G_CODES)
@@ -702,9 +677,13 @@ def _lut_wgmma_kernel(
 
 
 # The ring kernel ("wgmma_ring", Hopper; 16 < M <= WGMMA_RING_MAX_M, see launch_config): the wgmma
-# kernel's decode (_g_tile_inputs, _g_decode) for (BLOCK_M <= 128) x 128 tiles of x, which no longer
-# fit in shared memory for a whole K split (128 x 1024 fp16 is 256 KB): they come by TMA through a
-# ring of STAGES buffers, each refilled as soon as the wgmmas that read it finish. The wgmmas are
+# kernel's decode (_g_decode) for (BLOCK_M <= 128) x 128 tiles of x, which no longer fit in shared
+# memory for a whole K split (128 x 1024 fp16 is 256 KB): they come by TMA through a ring of
+# STAGES buffers, each refilled as soon as the wgmmas that read it finish; the words come by TMA
+# too, through a ring of boxes, in the wgmma kernel's layout. Loaded into registers one tile
+# ahead instead, they took 20-26 of the registers (250 -> 230 at BLOCK_M = 64, two row blocks;
+# 183 -> 157 at 32) and left the kernel waiting on memory (ncu at M = 128: long-scoreboard stalls
+# the largest); by TMA, M = 128 ran 1.07-1.30x faster on the H200 (kernels/BENCHMARKS.md). The wgmmas are
 # asynchronous and accumulate in place (64 x BLOCK_M fp32, BLOCK_M / 2 registers a thread); the
 # next weight tile is decoded while the tensor cores work on this one. Each decoded tile is scaled
 # per row in x's dtype before its wgmma, instead of scaling the product as _lut_wgmma_kernel
@@ -726,60 +705,105 @@ def _g_scaled_decode(words0, words1, stored, k0, W1: gl.constexpr, SCALE_IS_E8M0
 
 
 @gluon.jit
+def _g_ring_load_box(words0_desc, words1_desc, w0_smem, w1_smem, ready, box, k_start, row0, pred,
+                     T1: gl.constexpr, BOX_STAGES: gl.constexpr, ROW_BLOCKS: gl.constexpr, W1: gl.constexpr):
+    """Issue the TMA loads of box `box` of a split starting at k_start (its T1 K tiles' words of the
+    first plane and the box of the second plane they share, for ROW_BLOCKS blocks of 64 rows from
+    row0) into stage box % BOX_STAGES of the ring kernel's words ring, all on that stage's
+    barrier, if pred."""
+    stage = box % BOX_STAGES
+    bar = ready.index(stage)
+    BYTES1: gl.constexpr = words1_desc.block_type.nbytes if W1 > 0 else 0
+    mbarrier.expect(bar, ROW_BLOCKS * (T1 * words0_desc.block_type.nbytes + BYTES1), pred=pred)
+    k_box = k_start + box * (T1 * G_BLOCK_K)
+    for r in gl.static_range(ROW_BLOCKS):
+        for i in gl.static_range(T1):
+            _tma_load(words0_desc, [k_box // 64 + 2 * i, row0 + r * G_BLOCK_N, 0], bar,
+                      w0_smem.index((stage * ROW_BLOCKS + r) * T1 + i), pred=pred)
+        if W1 > 0:
+            _tma_load(words1_desc, [k_box // (64 * T1), row0 + r * G_BLOCK_N, 0], bar,
+                      w1_smem.index(stage * ROW_BLOCKS + r), pred=pred)
+
+
+@gluon.jit
+def _g_ring_words(w0_smem, w1_smem, ready, t, r: gl.constexpr, T1: gl.constexpr, BOX_STAGES: gl.constexpr,
+                  ROW_BLOCKS: gl.constexpr, W1: gl.constexpr):
+    """K tile t's words of both planes (_G_WORDS) for row block r, from the ring kernel's words
+    ring once its box has arrived (_g_ring_load_box); a 2-bit plane's unshifted (_g_decode)."""
+    box = t // T1
+    stage = box % BOX_STAGES
+    mbarrier.wait(ready.index(stage), box // BOX_STAGES & 1)
+    words0 = w0_smem.index((stage * ROW_BLOCKS + r) * T1 + t % T1)._reinterpret(
+        gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+    words1 = words0
+    if W1 > 0:
+        words1 = w1_smem.index(stage * ROW_BLOCKS + r)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(
+            _G_WORDS)
+        if W1 == 1:
+            words1 = words1 >> (t % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
+    return words0, words1
+
+
+@gluon.jit
 def _lut_wgmma_ring_kernel(
-    x_desc, plane0, plane1, table_ptr, scales_ptr, y_ptr, sums_ptr, arrivals_ptr,
-    M, N, K, num_groups, k_per_split, row_words0, row_words1, stride_ym, stride_yn,
+    x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr, sums_ptr, arrivals_ptr,
+    M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
     TABLE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ROW_BLOCKS: gl.constexpr, STAGES: gl.constexpr,
+    BOX_STAGES: gl.constexpr,
 ):
     """y^T = W_hat x^T for the inputs _lut_wgmma_kernel takes, in (64 ROW_BLOCKS, BLOCK_M) blocks of
-    y^T, x tiles through a ring of STAGES buffers (see the comment above). Per K tile: wgmma of row
-    block 0 issued; [row block 1 decoded, its wgmma issued, row block 0's awaited]; the next K
-    tile's row block 0 decoded; all awaited; the x tile's buffer refilled with the tile STAGES on.
-    The words and scales of each row block are loaded one decode ahead of their use."""
+    y^T, x tiles through a ring of STAGES buffers and the words through a ring of BOX_STAGES
+    boxes (the K tiles that share a box of the second plane: 2 at 6 bits, 4 at 5, 1 at 4), both by
+    TMA (see the comment above). Per K tile: wgmma of row block 0 issued; [row block 1 decoded,
+    its wgmma issued, row block 0's awaited]; the next K tile's row block 0 decoded; all
+    awaited; the x tile's buffer refilled with the tile STAGES on, and after a box's last tile,
+    its words stage with the box BOX_STAGES on. A split starts on a box (k_per_split is a
+    multiple of its tiles); words past K are TMA's zeros, never used."""
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
     DTYPE: gl.constexpr = table_ptr.dtype.element_ty
+    T1: gl.constexpr = _g_tiles_per_box1(W1)
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
     k_start = pid_k * k_per_split
     tiles = (gl.minimum(k_start + k_per_split, K) - k_start) // G_BLOCK_K
     k_last = k_start + (tiles - 1) * G_BLOCK_K
+    # Row block r holds rows pid_n * 64 ROW_BLOCKS + 64 r + (0..63); rows past N are TMA's zeros
+    # (their scales: row N - 1's) and are not stored.
+    row0 = pid_n * (ROW_BLOCKS * G_BLOCK_N)
 
+    w0_smem = gl.allocate_shared_memory(gl.int32, [BOX_STAGES * ROW_BLOCKS * T1, 2, G_BLOCK_N, 8],
+                                        words0_desc.layout)
+    w1_smem = gl.allocate_shared_memory(gl.int32, [BOX_STAGES * ROW_BLOCKS, 2, G_BLOCK_N, 8], words1_desc.layout)
+    words_ready = gl.allocate_shared_memory(gl.int64, [BOX_STAGES, 1], mbarrier.MBarrierLayout())
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, G_BLOCK_K], x_desc.layout)
     x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(BOX_STAGES):
+        mbarrier.init(words_ready.index(s), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(x_ready.index(s), count=1)
+    # Words first: they come from memory, x from L2.
+    for s in gl.static_range(BOX_STAGES):
+        _g_ring_load_box(words0_desc, words1_desc, w0_smem, w1_smem, words_ready, s, k_start, row0, s * T1 < tiles,
+                         T1, BOX_STAGES, ROW_BLOCKS, W1)
     for s in gl.static_range(STAGES):
         mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes, pred=s < tiles)
         _tma_load(x_desc, [pid_m * BLOCK_M, k_start + s * G_BLOCK_K], x_ready.index(s), x_smem.index(s),
                   pred=s < tiles)
 
-    # Row block r holds rows pid_n * 64 ROW_BLOCKS + 64 r + (0..63); rows past N read row N - 1 and
-    # are not stored.
-    row0 = pid_n * (ROW_BLOCKS * G_BLOCK_N)
-    rows = row0 + _index(4, 0, _G_W0) * 16 + _index(2, 1, _G_W1) * 8 + _index(8, 2, _G_W2)
-    j = _index(2, 5, _G_W5) * 8 + _index(8, 6, _G_W6)
     scale_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A))
-    rows0 = gl.minimum(rows, N - 1).to(gl.int64)
     scale_rows0 = gl.minimum(scale_n, N - 1).to(gl.int64) * num_groups
-    words00, words01, stored0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
-                                               scale_rows0, k_start, W1, GROUP)
-    next00, next01, stored_next0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
-                                                  scale_rows0, gl.minimum(k_start + G_BLOCK_K, k_last), W1, GROUP)
-    _g_fill_table(table_ptr, TABLE_SIZE)
-    # The first tile's words, loaded while the table is filled, pass through an opaque move after
-    # its barrier: the lookups (pure asm) take offsets decoded from them, so they cannot move above
-    # it. The second row block's are loaded after the barrier.
-    words00 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [words00], dtype=gl.int32, is_pure=False, pack=1)
+    stored0 = gl.load(scales_ptr + scale_rows0 + k_start // GROUP)
+    stored_next0 = gl.load(scales_ptr + scale_rows0 + gl.minimum(k_start + G_BLOCK_K, k_last) // GROUP)
     if ROW_BLOCKS == 2:
-        rows1 = gl.minimum(rows + G_BLOCK_N, N - 1).to(gl.int64)
         scale_rows1 = gl.minimum(scale_n + G_BLOCK_N, N - 1).to(gl.int64) * num_groups
-        words10, words11, stored1 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows1, j, scales_ptr,
-                                                   scale_rows1, k_start, W1, GROUP)
+        stored1 = gl.load(scales_ptr + scale_rows1 + k_start // GROUP)
+    _g_fill_table(table_ptr, TABLE_SIZE)
     acc0 = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
     acc1 = acc0
+    words00, words01 = _g_ring_words(w0_smem, w1_smem, words_ready, 0, 0, T1, BOX_STAGES, ROW_BLOCKS, W1)
     a0 = _g_scaled_decode(words00, words01, stored0, k_start, W1, SCALE_IS_E8M0, A, DTYPE)
     for i in range(tiles):
         k0 = k_start + i * G_BLOCK_K
@@ -789,34 +813,37 @@ def _lut_wgmma_ring_kernel(
         x_tile = x_smem.index(stage).permute((1, 0))
         acc0 = warpgroup_mma(a0, x_tile, acc0, is_async=True)
         if ROW_BLOCKS == 2:
-            next10, next11, stored_next1 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows1, j,
-                                                          scales_ptr, scale_rows1, k_next, W1, GROUP)
+            stored_next1 = gl.load(scales_ptr + scale_rows1 + k_next // GROUP)
+            words10, words11 = _g_ring_words(w0_smem, w1_smem, words_ready, i, 1, T1, BOX_STAGES, ROW_BLOCKS, W1)
             a1 = _g_scaled_decode(words10, words11, stored1, k0, W1, SCALE_IS_E8M0, A, DTYPE)
             acc1 = warpgroup_mma(a1, x_tile, acc1, is_async=True)
             acc0, a0 = warpgroup_mma_wait(1, deps=[acc0, a0])
-            words10 = next10
-            words11 = next11
             stored1 = stored_next1
-        # The last tiles reload the last one's inputs (decoded, unused) rather than read past the split.
-        far00, far01, stored_far0 = _g_tile_inputs(plane0, plane1, row_words0, row_words1, rows0, j, scales_ptr,
-                                                   scale_rows0, gl.minimum(k0 + 2 * G_BLOCK_K, k_last), W1, GROUP)
+        # The last tile decodes itself again (unused) rather than read past the split.
+        stored_far0 = gl.load(scales_ptr + scale_rows0 + gl.minimum(k0 + 2 * G_BLOCK_K, k_last) // GROUP)
+        next00, next01 = _g_ring_words(w0_smem, w1_smem, words_ready, gl.minimum(i + 1, tiles - 1), 0, T1,
+                                       BOX_STAGES, ROW_BLOCKS, W1)
         a_next = _g_scaled_decode(next00, next01, stored_next0, k_next, W1, SCALE_IS_E8M0, A, DTYPE)
         if ROW_BLOCKS == 2:
             acc1, a1 = warpgroup_mma_wait(0, deps=[acc1, a1])
         else:
             acc0, a0 = warpgroup_mma_wait(0, deps=[acc0, a0])
         a0 = a_next
-        next00 = far00
-        next01 = far01
         stored_next0 = stored_far0
-        # Every warp's wgmmas on this buffer are done before one thread refills it.
+        # Every warp's wgmmas on the x buffer and reads of the box's words (tile i + 1's row block 0
+        # is already in the next box) are done before one thread refills them.
         gl.thread_barrier()
         refill = i + STAGES < tiles
         mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes, pred=refill)
         _tma_load(x_desc, [pid_m * BLOCK_M, k0 + STAGES * G_BLOCK_K], x_ready.index(stage), x_smem.index(stage),
                   pred=refill)
+        box_ahead = i // T1 + BOX_STAGES
+        _g_ring_load_box(words0_desc, words1_desc, w0_smem, w1_smem, words_ready, box_ahead, k_start, row0,
+                         (i % T1 == T1 - 1) & (box_ahead * T1 < tiles), T1, BOX_STAGES, ROW_BLOCKS, W1)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(x_ready.index(s))
+    for s in gl.static_range(BOX_STAGES):
+        mbarrier.invalidate(words_ready.index(s))
 
     # One row block casts its own sums (_g_store's LAST_CASTS); with two, that epilogue's registers
     # spill, and the launch's _cast_and_clear_kernel casts them instead.
@@ -920,6 +947,10 @@ WGMMA_RING_MAX_M = 128
 # were 7-9% faster on the two where only they filled one wave (_ring_launch). Splits keep at
 # least G_RING_MIN_SPLIT_K of K.
 G_RING_STAGES = 2
+# The ring kernel's words ring holds at least 2 boxes, and at least this many K tiles (2 boxes at 5
+# and 6 bits, 4 at 4). Twice as many (4 boxes at 6 bits) ran 0.77-1.01x as fast at M = 32 to 128 on
+# the H200 (shared memory for fewer programs per SM).
+G_RING_LOOKAHEAD_TILES = 4
 G_RING_PROGRAMS_PER_SM = 2
 G_RING_MIN_SPLIT_K = 512
 # K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
@@ -1160,9 +1191,10 @@ def lut_matmul(
     if config is None:
         config = launch_config(m, n, k, bits, interpreted, wgmma_ok=wgmma_fits(x, bits, group, k, words))
     elif config.kernel == "wgmma_ring":
-        if not wgmma_fits(x, bits, group, k):
+        if not wgmma_fits(x, bits, group, k, words):
             raise ValueError("the wgmma_ring kernel needs a Hopper GPU, 4 to 6 bits, fp16 or bf16 x with 16-byte "
-                             "aligned rows, K a multiple of 128 and groups of a multiple of 128 (or >= K)")
+                             "aligned rows, 16-byte aligned words, K a multiple of 128 and groups of a multiple of 128 "
+                             "(or >= K)")
         if (config.block_m not in (16, 32, 64, 128) or config.block_n not in (64, 128) or config.block_k != 128
                 or config.num_warps != 4 or not 2 <= config.num_stages <= 4):
             raise ValueError("the wgmma_ring kernel takes block_m 16, 32, 64 or 128, block_n 64 or 128 (row blocks of "
@@ -1261,21 +1293,25 @@ def lut_matmul(
                                 num_warps=4)
     elif config.kernel == "wgmma_ring":
         x_desc = _x_descriptor(x, config.block_m)
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+        word_descs = _word_descriptors(words, n, row_words, widths)
+        # Splits of whole boxes of the second plane (the words ring's unit).
+        tiles_per_box = _g_tiles_per_box1(widths[1])
+        split_unit = G_BLOCK_K.value * tiles_per_box
+        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split))
         # With one row block a program, the kernel writes `out` itself, split K or not (_g_store, LAST_CASTS).
-        if ring_casts and config.split_k > 1 and m * n >= 2**31:
+        if ring_casts and grid[2] > 1 and m * n >= 2**31:
             raise ValueError(f"the wgmma_ring kernel indexes its split-K sums in 32 bits: M x N must be below 2^31, "
                              f"got {m} x {n}; split x into fewer rows per call")
-        sums, arrivals = _split_k_workspace(x.device, m * n if config.split_k > 1 and ring_casts else 0,
+        sums, arrivals = _split_k_workspace(x.device, m * n if grid[2] > 1 and ring_casts else 0,
                                             grid[0] * triton.cdiv(n, G_BLOCK_N.value))
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
-        _lut_wgmma_ring_kernel[grid](x_desc, words, words[plane_base1:] if widths[1] else words,
-                                     codebook.to(x.dtype), scales, y, sums, arrivals, m, n, k, groups, k_per_split,
-                                     row_words[0], row_words[1], y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
-                                     SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
+        _lut_wgmma_ring_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, sums,
+                                     arrivals, m, n, k, groups, k_per_split, y.stride(0), y.stride(1), W1=widths[1],
+                                     GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=grid[2],
                                      TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
                                      ROW_BLOCKS=config.block_n // G_BLOCK_N.value, STAGES=config.num_stages,
-                                     num_warps=4)
+                                     BOX_STAGES=max(2, G_RING_LOOKAHEAD_TILES // tiles_per_box), num_warps=4)
     elif config.kernel in ("mma", "mma_w"):
         if min(config.block_m, config.block_n) < 16:
             raise ValueError("the mma kernel needs block_m and block_n >= 16 (tl.dot)")

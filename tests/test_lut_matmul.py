@@ -345,6 +345,15 @@ def test_wgmma_ring_kernel_matches_reference(bits, scale_format, dtype, shape, g
     assert_gluon_kernel_matches_reference(config, bits, scale_format, dtype, shape, group)
 
 
+@pytest.mark.skipif(not HOPPER, reason="the wgmma_ring kernel needs a Hopper GPU")
+@pytest.mark.parametrize("bits, split_k", [(4, 1), (5, 1), (5, 2), (6, 2)])
+def test_wgmma_ring_kernel_refills_its_words_ring(bits, split_k):
+    # Splits of 7 to 19 K tiles (K = 2432): the words ring (boxes of 1, 4 or 2 tiles at 4, 5 and 6
+    # bits) is refilled several times, and some splits end on part of a box.
+    config = LaunchConfig("wgmma_ring", 64, 128, 128, split_k=split_k, num_stages=2)
+    assert_gluon_kernel_matches_reference(config, bits, "fp16", torch.float16, (40, 130, 2432), 128)
+
+
 def power_of_two_scales(seed):
     return (2.0 ** torch.randint(-2, 3, (130, 4), generator=torch.Generator().manual_seed(seed))).half()
 
