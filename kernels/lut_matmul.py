@@ -937,22 +937,24 @@ WGMMA_MAX_M = 16
 WGMMA_RING_MAX_M = 128
 # The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
 # (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
-# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs take 183 to 255 registers a thread, so
-# two fit on an SM, and the time goes by whole waves of them: the best split was the one that fills the grid
-# closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
+# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs took 183 to 255 registers a thread, so
+# two fit on an SM, and the time goes by whole waves of them: the best split was the one that fills
+# the grid closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
 # mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
 # (block_n 128, sharing each x tile) were 4-14% faster than one in 11 of 12 cases (7% slower on
 # (4096, 4096) at M = 64); at block_m 128 one row block (block_n 64: 233 registers instead of 255
 # and a spill) was 6-18% faster on the four shapes where both filled the grid equally, and two
 # were 7-9% faster on the two where only they filled one wave (_ring_launch). Splits keep at
 # least G_RING_MIN_SPLIT_K of K.
+# Since the words come by TMA (157 registers at block_m 32), three programs of block_m 32 fit on
+# an SM; the launch was not swept again, and still counts two.
 G_RING_STAGES = 2
+G_RING_PROGRAMS_PER_SM = 2
+G_RING_MIN_SPLIT_K = 512
 # The ring kernel's words ring holds at least 2 boxes, and at least this many K tiles (2 boxes at 5
 # and 6 bits, 4 at 4). Twice as many (4 boxes at 6 bits) ran 0.77-1.01x as fast at M = 32 to 128 on
 # the H200 (shared memory for fewer programs per SM).
 G_RING_LOOKAHEAD_TILES = 4
-G_RING_PROGRAMS_PER_SM = 2
-G_RING_MIN_SPLIT_K = 512
 # K per split of the wgmma kernel (rounded up to the K tiles one box of the second plane spans: 2
 # at 6 bits, 4 at 5). Short splits mean many small programs, whose loads (all issued at the start)
 # keep memory busy while the others decode. On the H200, 6-bit codes, splits of 2 tiles against 4:
