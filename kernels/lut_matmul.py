@@ -596,16 +596,23 @@ def _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i: gl.const
 
 
 @gluon.jit
+def _g_box_words(box):
+    """A box of words in shared memory, as TMA wrote it (_word_descriptor), in the words' layout
+    (_G_WORDS)."""
+    return box._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+
+
+@gluon.jit
 def _g_tile_words(w0_smem, w1_smem, ready, i: gl.constexpr, box1, W1: gl.constexpr):
     """K tile i's words of both planes (_G_WORDS), once ready[i] has them (_g_load_words), and the
     box of the second plane they come from: read from shared memory at its first tile, else box1."""
     T1: gl.constexpr = _g_tiles_per_box1(W1)
     mbarrier.wait(ready.index(i), 0)
-    words0 = w0_smem.index(i)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+    words0 = _g_box_words(w0_smem.index(i))
     words1 = words0
     if W1 > 0:
         if i % T1 == 0:
-            box1 = w1_smem.index(i // T1)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+            box1 = _g_box_words(w1_smem.index(i // T1))
         words1 = box1
         if W1 == 1:
             words1 = box1 >> (i % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
@@ -733,12 +740,10 @@ def _g_ring_words(w0_smem, w1_smem, ready, t, r: gl.constexpr, T1: gl.constexpr,
     box = t // T1
     stage = box % BOX_STAGES
     mbarrier.wait(ready.index(stage), box // BOX_STAGES & 1)
-    words0 = w0_smem.index((stage * ROW_BLOCKS + r) * T1 + t % T1)._reinterpret(
-        gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(_G_WORDS)
+    words0 = _g_box_words(w0_smem.index((stage * ROW_BLOCKS + r) * T1 + t % T1))
     words1 = words0
     if W1 > 0:
-        words1 = w1_smem.index(stage * ROW_BLOCKS + r)._reinterpret(gl.int32, _G_WORDS_SHAPE, _G_WORDS_SMEM).load(
-            _G_WORDS)
+        words1 = _g_box_words(w1_smem.index(stage * ROW_BLOCKS + r))
         if W1 == 1:
             words1 = words1 >> (t % T1 * 8)  # this tile's 8 fields at bit 0 (_g_decode)
     return words0, words1
