@@ -1285,12 +1285,14 @@ def lut_matmul(
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
-    if config.kernel == "wgmma":
+    if config.kernel in ("wgmma", "wgmma_ring"):
         x_desc = _x_descriptor(x, config.block_m)
         word_descs = _word_descriptors(words, n, row_words, widths)
-        # Whole boxes of the second plane per split.
-        split_unit = G_BLOCK_K.value * _g_tiles_per_box1(widths[1])
+        # Splits of whole boxes of the second plane: both kernels load a box once for all its K tiles.
+        tiles_per_box = _g_tiles_per_box1(widths[1])
+        split_unit = G_BLOCK_K.value * tiles_per_box
         k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
+    if config.kernel == "wgmma":
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
         # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).
         _lut_wgmma_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, m, n, k,
@@ -1299,12 +1301,6 @@ def lut_matmul(
                                 TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
                                 num_warps=4)
     elif config.kernel == "wgmma_ring":
-        x_desc = _x_descriptor(x, config.block_m)
-        word_descs = _word_descriptors(words, n, row_words, widths)
-        # Splits of whole boxes of the second plane (the words ring's unit).
-        tiles_per_box = _g_tiles_per_box1(widths[1])
-        split_unit = G_BLOCK_K.value * tiles_per_box
-        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), split_unit) * split_unit
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split))
         # With one row block a program, the kernel writes `out` itself, split K or not (_g_store, LAST_CASTS).
         if ring_casts and grid[2] > 1 and m * n >= 2**31:
