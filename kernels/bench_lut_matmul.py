@@ -36,6 +36,8 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192
 MS = [1, 4, 16, 64, 128, 512, 2048]
 BITS, GROUP = 6, 128
 ROTATE_BYTES = 256 << 20
+# check_error's bound on one element's error, in units of its K terms' root sum of squares.
+ELEMENT_TOLERANCE = 2e-2
 TARGETS = {1: 2.3, 16: 2.0, 128: 1.2, 2048: 0.85}  # over fp16 on the large shapes (issue 5)
 
 # Swept mma configurations: (block_m, block_n, block_k, num_warps, split_k); block_m 0 is
@@ -46,8 +48,7 @@ MMA_SWEEP = [(0, 64, 128, 4, 1), (0, 64, 128, 4, 2), (0, 64, 128, 4, 4), (0, 64,
 PANEL_SWEEP = [16 << 20, 48 << 20]  # decoded panel bytes besides the default (PANEL_BYTES)
 # Swept wgmma_ring configurations (16 < M <= WGMMA_RING_MAX_M): (block_n, num_stages, split_k), in
 # tiles of launch_config's block_m; block_n 128 is two 64-row blocks of W against each x tile.
-RING_SWEEP = [(128, 2, 1), (128, 2, 2), (128, 2, 3), (128, 2, 4), (128, 2, 6), (128, 2, 8), (64, 2, 2), (64, 2, 4),
-              (64, 2, 8)]
+RING_SWEEP = [(block_n, 2, split) for block_n in (128, 64) for split in (1, 2, 3, 4, 6, 8, 12)]
 
 
 def bench_us(fn, graph: bool = False) -> float:
@@ -112,11 +113,17 @@ def copy_bandwidth() -> float:
 
 
 def check_error(out: torch.Tensor, x: torch.Tensor, w_hat: torch.Tensor, what: str) -> float:
-    """Relative error of a product against fp32 x @ W_hat^T; stops the run if it is wrong."""
+    """Relative error of a product against fp32 x @ W_hat^T; stops the run if it is wrong: as a
+    whole (relative error >= 1e-2), or in any element further from the reference than
+    ELEMENT_TOLERANCE times the root sum of squares of its K terms. Rounding (fp16 codebook values
+    times scales, fp16 output) stays well inside that; a lost partial sum does not (a split of
+    256 of K = 28672 is ~9% of it), whereas the norm alone let lost split-K sums through."""
     ref = x.float() @ w_hat.T
     err = ((out.float() - ref).norm() / ref.norm()).item()
-    if not err < 1e-2:
-        raise SystemExit(f"WRONG: {what} rel err {err}")
+    terms = (x.float().square() @ w_hat.square().T).sqrt()
+    worst = ((out.float() - ref).abs() / terms.clamp_min(1e-30)).nan_to_num(nan=float("inf")).max().item()
+    if not (err < 1e-2 and worst < ELEMENT_TOLERANCE):
+        raise SystemExit(f"WRONG: {what} rel err {err}, worst element {worst} of its terms' root sum of squares")
     return err
 
 
