@@ -940,22 +940,18 @@ WGMMA_MAX_M = 16
 # Up to this many rows of x, the Gluon "wgmma_ring" kernel where the wgmma kernel fits (wgmma_fits),
 # in tiles of block_m = the smallest power of two >= M rows of x (kernels/BENCHMARKS.md).
 WGMMA_RING_MAX_M = 128
-# The ring kernel's launch, from sweeps on the H200 at M = 32, 64, 128 on the six benchmark shapes
-# (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to 1.4x (0.88x vs
-# 0.62x of fp16 at M = 64 on (8192, 8192)). The programs took 183 to 255 registers a thread, so
-# two fit on an SM, and the time goes by whole waves of them: the best split was the one that fills
-# the grid closest to G_RING_PROGRAMS_PER_SM programs per SM without a second wave (one more split, a
-# mostly empty second wave, cost up to 1.3x). Up to block_m 64, two 64-row blocks of W a program
-# (block_n 128, sharing each x tile) were 4-14% faster than one in 11 of 12 cases (7% slower on
-# (4096, 4096) at M = 64); at block_m 128 one row block (block_n 64: 233 registers instead of 255
-# and a spill) was 6-18% faster on the four shapes where both filled the grid equally, and two
-# were 7-9% faster on the two where only they filled one wave (_ring_launch). Splits keep at
-# least G_RING_MIN_SPLIT_K of K.
-# Since the words come by TMA (157 registers at block_m 32), three programs of block_m 32 fit on
-# an SM; the launch was not swept again, and still counts two.
+# The ring kernel's launch (_ring_launch), from sweeps on the H200 at M = 32, 64, 128 on the six
+# benchmark shapes (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to
+# 1.4x. The time goes by whole waves of programs (as many as fit on an SM,
+# _ring_programs_per_sm): the best split was the one that fills the grid closest to whole waves
+# (one more split, a mostly empty second wave, cost up to 1.3x), with at least G_RING_MIN_SPLIT_K
+# of K a split (at (4096, 4096), the launches that splits of 512 led to ran 0.92x as fast as those
+# of 1024, at M = 32 and at 128). Where one row block (block_n 64) and two (128, sharing each x tile) fill the grid alike,
+# block_m 128 takes two: its x tiles (32 KB, five times the codes they meet) are read from L2
+# once per block_n rows of W, and at (8192, 28672) two row blocks ran 1.20x faster (141 against
+# 169 us); smaller tiles take one.
 G_RING_STAGES = 2
-G_RING_PROGRAMS_PER_SM = 2
-G_RING_MIN_SPLIT_K = 512
+G_RING_MIN_SPLIT_K = 1024
 # The ring kernel's words ring holds at least 2 boxes, and at least this many K tiles (2 boxes at 5
 # and 6 bits, 4 at 4). Twice as many (4 boxes at 6 bits) ran 0.77-1.01x as fast at M = 32 to 128 on
 # the H200 (shared memory for fewer programs per SM).
@@ -1081,18 +1077,29 @@ def _word_descriptors(words: torch.Tensor, n: int, row_words: list[int],
     return [_word_descriptor(plane, n, row_words[p]) for p, plane in enumerate(planes)]
 
 
-def _ring_launch(block_m: int, n: int, k: int, sms: int) -> tuple[int, int]:
-    """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: the split that fills
-    whole waves of G_RING_PROGRAMS_PER_SM programs per SM best, then the fewest waves, then (at
-    block_m 128) one row block."""
-    slots = G_RING_PROGRAMS_PER_SM * sms
+def _ring_programs_per_sm(block_m: int, block_n: int, bits: int) -> int:
+    """Ring kernel programs (128 threads) that fit in an SM's 65,536 registers, from its registers
+    a thread (offline sm_90 compile, triton 3.6): at block_m 32, 125-135 with one row block (four
+    programs; three at 5 bits, 135) and 154-157 with two (three); at 64 and 128, 176-255 (two).
+    Their shared memory (40-88 KB) fits that many."""
+    if block_m == 32:
+        return 3 if block_n == 128 or bits == 5 else 4
+    return 2
+
+
+def _ring_launch(block_m: int, n: int, k: int, bits: int, sms: int) -> tuple[int, int]:
+    """(block_n, split_k) of the ring kernel for tiles of block_m rows of x: one row block or two,
+    with the split that fills whole waves of programs best; then the fewest waves; then two row
+    blocks at block_m 128, one below."""
     choices = []
-    for block_n in ((64, 128) if block_m == 128 else (128,)):
+    for block_n in (64, 128):
+        slots = _ring_programs_per_sm(block_m, block_n, bits) * sms
         tiles = triton.cdiv(n, block_n)
         split_k = max(1, min(slots // tiles, k // G_RING_MIN_SPLIT_K))
         waves = triton.cdiv(tiles * split_k, slots)
-        choices.append((-tiles * split_k / (waves * slots), waves, block_n, split_k))
-    _, _, block_n, split_k = min(choices)
+        prefer = -block_n if block_m == 128 else block_n
+        choices.append((-tiles * split_k / (waves * slots), waves, prefer, block_n, split_k))
+    *_, block_n, split_k = min(choices)
     return block_n, split_k
 
 
@@ -1131,7 +1138,7 @@ def launch_config(m: int, n: int, k: int, bits: int, interpreted: bool, wgmma_ok
                             num_warps=4)
     if wgmma_ok and m <= WGMMA_RING_MAX_M:
         # One tile of x (m <= 128 = block_m): the grid is row blocks x splits.
-        ring_block_n, split_k = _ring_launch(block_m, n, k, sms)
+        ring_block_n, split_k = _ring_launch(block_m, n, k, bits, sms)
         return LaunchConfig("wgmma_ring", block_m, ring_block_n, 128, split_k, num_warps=4, num_stages=G_RING_STAGES)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K into enough programs that every SM has several waves of them to hide memory and

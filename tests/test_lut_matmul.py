@@ -8,8 +8,9 @@ import triton
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import (
-    _SPLIT_K_WORKSPACES, CAST_BLOCK, PANEL_BYTES, PANEL_MAX_BYTES, PANEL_ROWS_UNIT, LaunchConfig,
-    _cast_and_clear_kernel, launch_config, panel_rows, scale_mode, tile_k, wgmma_fits,
+    _SPLIT_K_WORKSPACES, CAST_BLOCK, G_RING_MIN_SPLIT_K, PANEL_BYTES, PANEL_MAX_BYTES, PANEL_ROWS_UNIT, LaunchConfig,
+    _cast_and_clear_kernel, _ring_launch, _ring_programs_per_sm, launch_config, panel_rows, scale_mode, tile_k,
+    wgmma_fits,
 )
 from sopq.formats import encode_scales, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
@@ -431,6 +432,24 @@ def test_wgmma_ring_kernel_rejects_bad_blocks(config):
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="wgmma_ring kernel takes"):
         lut_matmul(x, words, codebook, scales, bits=6, group=128, n=n, k=k, config=config)
+
+
+def test_ring_launch_fills_one_wave_of_the_programs_that_fit():
+    # Every split keeps G_RING_MIN_SPLIT_K of K, and splitting never starts a second wave of
+    # programs (as many as fit on the 132 SMs); the swept best where the two block_n differ most:
+    # two row blocks at block_m 128 on (8192, 28672), four programs of one row block an SM at
+    # block_m 32 (three at 5 bits), and no splits of 512 at K = 4096.
+    for block_m in (32, 64, 128):
+        for bits in (4, 5, 6):
+            for n, k in [(4096, 4096), (11008, 4096), (8192, 28672), (28672, 8192), (100, 1024), (40960, 8192)]:
+                block_n, split_k = _ring_launch(block_m, n, k, bits, 132)
+                slots = _ring_programs_per_sm(block_m, block_n, bits) * 132
+                assert block_n in (64, 128)
+                assert split_k == 1 or (k // split_k >= G_RING_MIN_SPLIT_K and -(-n // block_n) * split_k <= slots)
+    assert _ring_launch(128, 8192, 28672, 6, 132) == (128, 4)
+    assert _ring_launch(32, 8192, 8192, 6, 132) == (64, 4)
+    assert _ring_launch(32, 8192, 8192, 5, 132) == (64, 3)
+    assert _ring_launch(32, 4096, 4096, 6, 132) == (64, 4)
 
 
 def test_panel_rows_fill_the_gpu_within_the_scratch_bound():
