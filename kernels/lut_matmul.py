@@ -942,14 +942,14 @@ WGMMA_MAX_M = 16
 WGMMA_RING_MAX_M = 128
 # The ring kernel's launch (_ring_launch), from sweeps on the H200 at M = 32, 64, 128 on the six
 # benchmark shapes (kernels/BENCHMARKS.md). Two ring stages were within 1% of three or faster, up to
-# 1.4x. The time goes by whole waves of programs (as many as fit on an SM,
-# _ring_programs_per_sm): the best split was the one that fills the grid closest to whole waves
-# (one more split, a mostly empty second wave, cost up to 1.3x), with at least G_RING_MIN_SPLIT_K
-# of K a split (at (4096, 4096), the launches that splits of 512 led to ran 0.92x as fast as those
-# of 1024, at M = 32 and at 128). Where one row block (block_n 64) and two (128, sharing each x tile) fill the grid alike,
-# block_m 128 takes two: its x tiles (32 KB, five times the codes they meet) are read from L2
-# once per block_n rows of W, and at (8192, 28672) two row blocks ran 1.20x faster (141 against
-# 169 us); smaller tiles take one.
+# 1.4x. The time goes by whole waves of programs (as many as fit on an SM, _ring_programs_per_sm):
+# the best split was the one that fills the grid closest to whole waves (one more split, a mostly
+# empty second wave, cost up to 1.3x), with at least G_RING_MIN_SPLIT_K of K a split (at
+# (4096, 4096), the launches that splits of 512 led to ran 0.92x as fast as those of 1024, at
+# M = 32 and at 128). Where one row block (block_n 64) and two (128, sharing each x tile) fill the
+# grid alike, block_m 128 takes two: its x tiles (32 KB, five times the codes they meet) are read
+# from L2 once per block_n rows of W, and at (8192, 28672) two row blocks ran 1.20x faster (141
+# against 169 us); smaller tiles take one.
 G_RING_STAGES = 2
 G_RING_MIN_SPLIT_K = 1024
 # The ring kernel's words ring holds at least 2 boxes, and at least this many K tiles (2 boxes at 5
