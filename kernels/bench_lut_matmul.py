@@ -8,7 +8,8 @@ enough copies of its weights (>= ROTATE_BYTES) that L2 holds none of them betwee
 by the number of copies: no Python launch overhead in any method's time. Before timing, every lut_matmul configuration is checked against an fp32
 product with W_hat dequantized on the CPU (outputs poisoned with NaN first). --baseline times
 another version of kernels/lut_matmul.py (e.g. main's checkout) with its own automatic
-configuration in the same run, checked the same way.
+configuration in the same run, checked the same way. lut_matmul reads the scales groups-major
+(sopq.formats.groups_major), as PackedLinear holds them; the baseline row-major.
 
     python kernels/bench_lut_matmul.py [--sweep [KERNEL]] [--out results.json] [--baseline path/to/lut_matmul.py]
 """
@@ -29,7 +30,7 @@ from triton.runtime.errors import OutOfResources
 from kernels.lut_matmul import (
     PANEL_MIN_M, WGMMA_MAX_M, WGMMA_RING_MAX_M, LaunchConfig, launch_config, lut_matmul, mma_kernel,
 )
-from sopq.formats import num_groups
+from sopq.formats import groups_major, num_groups
 from sopq.packing import dequantize, packed_words, unpack_codes
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -160,9 +161,13 @@ def main() -> None:
             return words, scales
 
         luts = rotating(make_lut, lut_bytes)
+        # lut_matmul gets the scales groups-major, as PackedLinear holds them; --baseline row-major,
+        # the layout it was written for.
+        luts_gm = [(words, groups_major(scales)) for words, scales in luts]
         fp16 = rotating(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen), n * k * 2)
         fp8 = rotating(lambda: torch.randn(n, k, device="cuda", generator=gen).to(torch.float8_e4m3fn), n * k)
         words0, scales0 = luts[0]
+        scales0_gm = luts_gm[0][1]
         if check:
             w_hat = dequantize(unpack_codes(words0.cpu(), BITS, (n, k)), codebook.cpu(), scales0.cpu().float(), GROUP).cuda()
         one = torch.ones((), device="cuda")
@@ -180,7 +185,8 @@ def main() -> None:
             for config in dict.fromkeys(candidates):
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
                 try:
-                    lut_matmul(x, words0, codebook, scales0, bits=BITS, group=GROUP, n=n, k=k, out=out, config=config)
+                    lut_matmul(x, words0, codebook, scales0_gm, bits=BITS, group=GROUP, n=n, k=k, out=out,
+                               config=config)
                 except OutOfResources:
                     if config == auto:
                         raise
@@ -188,7 +194,8 @@ def main() -> None:
                 if check:
                     err = check_error(out, x, w_hat, f"{config} on {(m, n, k)}")
                 results[config] = graph_us(
-                    lambda b: lut_matmul(x, b[0], codebook, b[1], bits=BITS, group=GROUP, n=n, k=k, config=config), luts)
+                    lambda b: lut_matmul(x, b[0], codebook, b[1], bits=BITS, group=GROUP, n=n, k=k, config=config),
+                    luts_gm)
             t_base = float("nan")
             if baseline:
                 base_config = baseline.launch_config(m, n, k, BITS, interpreted=False)
@@ -214,7 +221,7 @@ def main() -> None:
                 with open(args.out, "w") as f:
                     json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                                    copy_bw=copy_bw, rows=rows), f, indent=1)
-        del luts, fp16, fp8
+        del luts, luts_gm, fp16, fp8
         w_hat = None
         torch.cuda.empty_cache()
 

@@ -192,7 +192,7 @@ def _natural(tile, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _scales(scales_ptr, n, k0, num_groups, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
+def _scales(scales_ptr, n, k0, num_groups, stride_sn, stride_sg, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
             SCALE_IS_E8M0: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
             SP: tl.constexpr, F: tl.constexpr):
     """fp32 group scales of the K tile at k0 for rows n: one per row, in the shape of n, when the
@@ -207,7 +207,7 @@ def _scales(scales_ptr, n, k0, num_groups, GROUP: tl.constexpr, SCALE_MODE: tl.c
         k = _sub_chunk_k(k0, S, C, SP, F)
     else:
         k = _k_of_tile(k0, S, C, SP, F)
-    stored = _load_in_place(scales_ptr + n * num_groups + tl.minimum(k // GROUP, num_groups - 1), ASM)
+    stored = _load_in_place(scales_ptr + n * stride_sn + tl.minimum(k // GROUP, num_groups - 1) * stride_sg, ASM)
     if SCALE_IS_E8M0:
         return tl.exp2(stored.to(tl.float32) - 127.0)
     return stored.to(tl.float32)
@@ -219,14 +219,15 @@ def _codebook(codebook_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
+def _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups, stride_sn, stride_sg,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, GROUP: tl.constexpr,
                  SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr, MASK_K: tl.constexpr,
                  ASM: tl.constexpr, S: tl.constexpr, C: tl.constexpr, F: tl.constexpr):
     """W_hat of K tile k0 in fp32 as a (BLOCK_N, C, SP, 4, S) tile (_codes); exactly 0 past K."""
     SP: tl.constexpr = F // 4
     w = _lookup(codebook, _codes(words0, words1, words2, W0, W1, W2, SP, ASM)).to(tl.float32)
-    w *= _scales(scales_ptr, n, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM, S, C, SP, F)
+    w *= _scales(scales_ptr, n, k0, num_groups, stride_sn, stride_sg, GROUP, SCALE_MODE, SCALE_IS_E8M0, ASM, S, C,
+                 SP, F)
     if MASK_K:
         # Padding is exactly 0: a NaN codebook entry or an inf scale must not leak into padding
         # (a real NaN must still reach y).
@@ -249,7 +250,7 @@ def _store_or_add(y_ptr, acc, offs_r, offs_c, R, C, stride_yr, stride_yc, SPLIT_
 @triton.jit
 def _lut_mma_kernel(
     x_ptr, codes_ptr, codebook_ptr, scales_ptr, y_ptr,
-    M, N, K, num_groups, k_per_split,
+    M, N, K, num_groups, stride_sn, stride_sg, k_per_split,
     row_words0, row_words1, row_words2, plane_base1, plane_base2,
     stride_xm, stride_xk, stride_ym, stride_yn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
@@ -310,12 +311,12 @@ def _lut_mma_kernel(
                 scale_rows = rows[:, None]
             else:
                 scale_rows = rows[None, :]
-            scale = _scales(scales_ptr, scale_rows, k0, num_groups, GROUP, SCALE_MODE, SCALE_IS_E8M0,
-                            ASM, S, C, SP, F)
+            scale = _scales(scales_ptr, scale_rows, k0, num_groups, stride_sn, stride_sg, GROUP, SCALE_MODE,
+                            SCALE_IS_E8M0, ASM, S, C, SP, F)
         else:
             # The whole (BLOCK_N, BLOCK_K) tile is decoded once and feeds one dot.
-            w = _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups,
-                             W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
+            w = _decode_tile(words0, words1, words2, codebook, scales_ptr, n, k0, K, num_groups, stride_sn,
+                             stride_sg, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
         w = _natural(w, BLOCK_N, BLOCK_K)
         # fp32 activations (and the interpreter, see lut_matmul) get a true fp32 product, not TF32.
         if W_FIRST:
@@ -341,7 +342,7 @@ def _lut_mma_kernel(
 @triton.jit
 def _lut_dequant_kernel(
     codes_ptr, codebook_ptr, scales_ptr, w_ptr,
-    N, K, num_groups, row_words0, row_words1, row_words2, plane_base1, plane_base2, stride_wn,
+    N, K, num_groups, stride_sn, stride_sg, row_words0, row_words1, row_words2, plane_base1, plane_base2, stride_wn,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_IS_E8M0: tl.constexpr,
     MASK_K: tl.constexpr, ASM: tl.constexpr, S: tl.constexpr, F: tl.constexpr,
@@ -355,7 +356,8 @@ def _lut_dequant_kernel(
     words0, words1, words2 = _tile_words(codes_ptr, n, k0, K, row_words0, row_words1, row_words2,
                                          plane_base1, plane_base2, W0, W1, W2, S, C, F)
     w = _decode_tile(words0, words1, words2, _codebook(codebook_ptr, W0 + W1 + W2), scales_ptr, n, k0, K,
-                     num_groups, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S, C, F)
+                     num_groups, stride_sn, stride_sg, W0, W1, W2, GROUP, SCALE_MODE, SCALE_IS_E8M0, MASK_K, ASM, S,
+                     C, F)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
              _natural(w, BLOCK_N, BLOCK_K).to(w_ptr.dtype.element_ty),
@@ -622,7 +624,7 @@ def _g_tile_words(w0_smem, w1_smem, ready, i: gl.constexpr, box1, W1: gl.constex
 @gluon.jit
 def _lut_wgmma_kernel(
     x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr,
-    M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
+    M, N, K, num_groups, stride_sn, stride_sg, k_per_split, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
     TABLE_SIZE: gl.constexpr, X_TILES: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
@@ -654,11 +656,11 @@ def _lut_wgmma_kernel(
         _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
 
     offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
-    scale_rows = gl.minimum(offs_n, N - 1).to(gl.int64) * num_groups
+    scale_rows = scales_ptr + gl.minimum(offs_n, N - 1).to(gl.int64) * stride_sn
     # Scales past K read the last group's (and are zeroed below).
     last_group = num_groups - 1
-    stored = gl.load(scales_ptr + scale_rows + gl.minimum(k_start // GROUP, last_group))
-    stored_next = gl.load(scales_ptr + scale_rows + gl.minimum((k_start + G_BLOCK_K) // GROUP, last_group))
+    stored = gl.load(scale_rows + gl.minimum(k_start // GROUP, last_group) * stride_sg)
+    stored_next = gl.load(scale_rows + gl.minimum((k_start + G_BLOCK_K) // GROUP, last_group) * stride_sg)
     _g_fill_table(table_ptr, TABLE_SIZE)
 
     acc = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
@@ -666,7 +668,7 @@ def _lut_wgmma_kernel(
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
         if i + 2 < X_TILES:
-            stored_far = gl.load(scales_ptr + scale_rows + gl.minimum((k0 + 2 * G_BLOCK_K) // GROUP, last_group))
+            stored_far = gl.load(scale_rows + gl.minimum((k0 + 2 * G_BLOCK_K) // GROUP, last_group) * stride_sg)
         words0, words1, box1 = _g_tile_words(w0_smem, w1_smem, ready, i, box1, W1)
         a = _g_decode(words0, words1, k0, W1, table_ptr.dtype.element_ty, A_LAYOUT)
         scale = gl.where(k0 < K, _g_scale(stored, SCALE_IS_E8M0), 0.0)
@@ -752,7 +754,7 @@ def _g_ring_words(w0_smem, w1_smem, ready, t, r: gl.constexpr, T1: gl.constexpr,
 @gluon.jit
 def _lut_wgmma_ring_kernel(
     x_desc, words0_desc, words1_desc, table_ptr, scales_ptr, y_ptr, sums_ptr, arrivals_ptr,
-    M, N, K, num_groups, k_per_split, stride_ym, stride_yn,
+    M, N, K, stride_sn, stride_sg, k_per_split, stride_ym, stride_yn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
     TABLE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ROW_BLOCKS: gl.constexpr, STAGES: gl.constexpr,
     BOX_STAGES: gl.constexpr,
@@ -799,12 +801,12 @@ def _lut_wgmma_ring_kernel(
                   pred=s < tiles)
 
     scale_n = row0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A))
-    scale_rows0 = gl.minimum(scale_n, N - 1).to(gl.int64) * num_groups
-    stored0 = gl.load(scales_ptr + scale_rows0 + k_start // GROUP)
-    stored_next0 = gl.load(scales_ptr + scale_rows0 + gl.minimum(k_start + G_BLOCK_K, k_last) // GROUP)
+    scale_rows0 = scales_ptr + gl.minimum(scale_n, N - 1).to(gl.int64) * stride_sn
+    stored0 = gl.load(scale_rows0 + k_start // GROUP * stride_sg)
+    stored_next0 = gl.load(scale_rows0 + gl.minimum(k_start + G_BLOCK_K, k_last) // GROUP * stride_sg)
     if ROW_BLOCKS == 2:
-        scale_rows1 = gl.minimum(scale_n + G_BLOCK_N, N - 1).to(gl.int64) * num_groups
-        stored1 = gl.load(scales_ptr + scale_rows1 + k_start // GROUP)
+        scale_rows1 = scales_ptr + gl.minimum(scale_n + G_BLOCK_N, N - 1).to(gl.int64) * stride_sn
+        stored1 = gl.load(scale_rows1 + k_start // GROUP * stride_sg)
     _g_fill_table(table_ptr, TABLE_SIZE)
     acc0 = gl.zeros([G_BLOCK_N, BLOCK_M], gl.float32, ACC)
     acc1 = acc0
@@ -818,14 +820,14 @@ def _lut_wgmma_ring_kernel(
         x_tile = x_smem.index(stage).permute((1, 0))
         acc0 = warpgroup_mma(a0, x_tile, acc0, is_async=True)
         if ROW_BLOCKS == 2:
-            stored_next1 = gl.load(scales_ptr + scale_rows1 + k_next // GROUP)
+            stored_next1 = gl.load(scale_rows1 + k_next // GROUP * stride_sg)
             words10, words11 = _g_ring_words(w0_smem, w1_smem, words_ready, i, 1, T1, BOX_STAGES, ROW_BLOCKS, W1)
             a1 = _g_scaled_decode(words10, words11, stored1, k0, W1, SCALE_IS_E8M0, A, DTYPE)
             acc1 = warpgroup_mma(a1, x_tile, acc1, is_async=True)
             acc0, a0 = warpgroup_mma_wait(1, deps=[acc0, a0])
             stored1 = stored_next1
         # The last tile decodes itself again (unused) rather than read past the split.
-        stored_far0 = gl.load(scales_ptr + scale_rows0 + gl.minimum(k0 + 2 * G_BLOCK_K, k_last) // GROUP)
+        stored_far0 = gl.load(scale_rows0 + gl.minimum(k0 + 2 * G_BLOCK_K, k_last) // GROUP * stride_sg)
         next00, next01 = _g_ring_words(w0_smem, w1_smem, words_ready, gl.minimum(i + 1, tiles - 1), 0, T1,
                                        BOX_STAGES, ROW_BLOCKS, W1)
         a_next = _g_scaled_decode(next00, next01, stored_next0, k_next, W1, SCALE_IS_E8M0, A, DTYPE)
@@ -863,7 +865,8 @@ def _lut_wgmma_ring_kernel(
 
 @gluon.jit
 def _lut_dequant_wgmma_kernel(
-    words0_desc, words1_desc, table_ptr, scales_ptr, w_ptr, row0, rows, N, K, num_groups, stride_wn,
+    words0_desc, words1_desc, table_ptr, scales_ptr, w_ptr, row0, rows, N, K, num_groups, stride_sn, stride_sg,
+    stride_wn,
     W1: gl.constexpr, GROUP: gl.constexpr, SCALE_IS_E8M0: gl.constexpr, TABLE_SIZE: gl.constexpr,
     X_TILES: gl.constexpr,
 ):
@@ -882,8 +885,8 @@ def _lut_dequant_wgmma_kernel(
     w0_smem, w1_smem, ready = _g_words_buffers(words0_desc, words1_desc, X_TILES, W1)
     for i in gl.static_range(X_TILES):
         _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i, k_start + i * G_BLOCK_K, row0 + n0, 0, W1)
-    scale_rows = gl.minimum(row0 + n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A_LAYOUT)),
-                            N - 1).to(gl.int64) * num_groups
+    scale_rows = scales_ptr + gl.minimum(row0 + n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, A_LAYOUT)),
+                                         N - 1).to(gl.int64) * stride_sn
     offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, _G_PANEL_STORE))
     w_rows = gl.expand_dims(offs_n.to(gl.int64) * stride_wn, 1)
     in_panel = gl.expand_dims(offs_n < rows, 1)
@@ -892,7 +895,7 @@ def _lut_dequant_wgmma_kernel(
     box1 = scale_rows  # a placeholder: tile 0 loads the first box of the second plane
     for i in gl.static_range(X_TILES):
         k0 = k_start + i * G_BLOCK_K
-        stored = gl.load(scales_ptr + scale_rows + gl.minimum(k0 // GROUP, num_groups - 1))
+        stored = gl.load(scale_rows + gl.minimum(k0 // GROUP, num_groups - 1) * stride_sg)
         words0, words1, box1 = _g_tile_words(w0_smem, w1_smem, ready, i, box1, W1)
         w = _g_scaled_decode(words0, words1, stored, k0, W1, SCALE_IS_E8M0, A_LAYOUT, DTYPE)
         # K is a multiple of 128 (wgmma_fits): whole tiles lie inside or past it.
@@ -1164,6 +1167,8 @@ def lut_matmul(
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """y = x @ W_hat^T, (M, N) in x's dtype, from packed codes and stored scales; fp32 accumulation.
+    The (N, G) scales may have any strides, and are read in place: groups-major
+    (sopq.formats.groups_major) is the fastest on Hopper.
 
     `config` overrides the automatic choice of kernel and blocks (benchmarks and tests use it)."""
     interpreted = isinstance(_lut_mma_kernel, InterpretedFunction)
@@ -1241,7 +1246,7 @@ def lut_matmul(
         MASK_K=k % config.block_k != 0, ASM=not interpreted, S=SUBCHUNK, F=32 // widths[0],
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    codebook, scales = codebook.contiguous(), scales.contiguous()
+    codebook = codebook.contiguous()
     if config.kernel == "panel":
         if config.panel_rows < 1:
             raise ValueError(f"the panel path needs panel_rows >= 1, got {config.panel_rows}")
@@ -1257,14 +1262,14 @@ def lut_matmul(
             if gluon_decode:
                 grid = (triton.cdiv(rows, G_BLOCK_N.value), triton.cdiv(k, x_tiles * G_BLOCK_K.value))
                 _lut_dequant_wgmma_kernel[grid](
-                    word_descs[0], word_descs[-1], table, scales, panel, n0, rows, n, k, groups,
+                    word_descs[0], word_descs[-1], table, scales, panel, n0, rows, n, k, groups, *scales.stride(),
                     panel.stride(0), W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
                     TABLE_SIZE=2**bits, X_TILES=x_tiles, num_warps=4)
             else:
                 # Row n0 of every plane and of the scales: the panel is a layer of `rows` rows.
                 _lut_dequant_kernel[(triton.cdiv(rows, config.block_n), triton.cdiv(k, config.block_k))](
                     words[n0 * row_words[0]:], codebook, scales[n0:], panel,
-                    rows, k, groups, row_words[0], row_words[1], row_words[2],
+                    rows, k, groups, *scales.stride(), row_words[0], row_words[1], row_words[2],
                     plane_base1 - n0 * row_words[0] + n0 * row_words[1] if widths[1] else 0,
                     plane_base2 - n0 * row_words[0] + n0 * row_words[2] if widths[2] else 0,
                     panel.stride(0), **constants)
@@ -1288,7 +1293,7 @@ def lut_matmul(
         y = out
     # Each split covers whole BLOCK_K tiles.
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    args = (x, words, codebook, scales, y, m, n, k, groups, k_per_split, *layout,
+    args = (x, words, codebook, scales, y, m, n, k, groups, *scales.stride(), k_per_split, *layout,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constants.update(SPLIT_K=config.split_k, BLOCK_M=config.block_m)
     splits = triton.cdiv(k, k_per_split)
@@ -1303,8 +1308,8 @@ def lut_matmul(
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, G_BLOCK_N.value), triton.cdiv(k, k_per_split))
         # The codebook in x's dtype: the dot takes bare codebook values (scales multiply its result).
         _lut_wgmma_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, m, n, k,
-                                groups, k_per_split, y.stride(0), y.stride(1), W1=widths[1], GROUP=group,
-                                SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
+                                groups, *scales.stride(), k_per_split, y.stride(0), y.stride(1), W1=widths[1],
+                                GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=config.split_k,
                                 TABLE_SIZE=2**bits, X_TILES=k_per_split // G_BLOCK_K.value, BLOCK_M=config.block_m,
                                 num_warps=4)
     elif config.kernel == "wgmma_ring":
@@ -1317,7 +1322,8 @@ def lut_matmul(
                                             grid[0] * triton.cdiv(n, G_BLOCK_N.value))
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
         _lut_wgmma_ring_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, sums,
-                                     arrivals, m, n, k, groups, k_per_split, y.stride(0), y.stride(1), W1=widths[1],
+                                     arrivals, m, n, k, *scales.stride(), k_per_split, y.stride(0), y.stride(1),
+                                     W1=widths[1],
                                      GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=grid[2],
                                      TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
                                      ROW_BLOCKS=config.block_n // G_BLOCK_N.value, STAGES=config.num_stages,

@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from kernels import lut_matmul, reference_lut_matmul
 from kernels.lut_matmul import launch_config
+from sopq.formats import groups_major
 from sopq.store import PackedReader
 
 # Relative error allowed against the float64 reference with fp16 activations: fp16 rounding of
@@ -43,7 +44,8 @@ def check_packed_layers(packed_dir, m: int, seed: int) -> pd.DataFrame:
     for name, meta in tqdm(packed.manifest["layers"].items(), desc="kernel", unit="layer"):
         n, k = meta["shape"]
         t = packed.tensors(name)
-        words, scales = t["codes"].to(device), t["scales"].to(device)
+        # Scales as PackedLinear holds them (groups-major), so the times are the model's.
+        words, scales = t["codes"].to(device), groups_major(t["scales"].to(device))
         codebook = t["codebook"].to(device)  # the kernel reads the lookup table as stored (fp16)
         shape = dict(bits=meta["bits"], group=meta["group"], n=n, k=k)
         x = torch.randn(m, k, generator=generator).to(device, torch.float16)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sopq.formats import groups_major
 from sopq.io import atomic_path
 from sopq.model import get_weight, load_model, set_weight
 from sopq.model import load_tokenizer as load_source_tokenizer
@@ -40,6 +41,8 @@ class PackedLinear(nn.Module):
         # fp16/bf16 tensors are kept as their raw 16-bit patterns: model.half() or
         # .to(torch.bfloat16) would otherwise re-round the codebook and scales.
         self.register_buffer("codebook_bits", codebook.view(torch.int16))
+        # Groups-major: the layout the kernel reads fastest.
+        scales = groups_major(scales)
         self.register_buffer("scale_bits", scales.view(torch.int16) if scales.is_floating_point() else scales)
         self.register_buffer("bias", bias)
 

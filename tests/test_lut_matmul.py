@@ -12,7 +12,7 @@ from kernels.lut_matmul import (
     _cast_and_clear_kernel, _ring_launch, _ring_programs_per_sm, launch_config, panel_rows, scale_mode, tile_k,
     wgmma_fits,
 )
-from sopq.formats import encode_scales, num_groups
+from sopq.formats import encode_scales, groups_major, num_groups
 from sopq.packing import PLANE_WIDTHS, pack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -432,6 +432,29 @@ def test_wgmma_ring_kernel_rejects_bad_blocks(config):
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="wgmma_ring kernel takes"):
         lut_matmul(x, words, codebook, scales, bits=6, group=128, n=n, k=k, config=config)
+
+
+# Scales in any strides: groups-major (groups_major, as PackedLinear holds them) and every other
+# column of a wider tensor give the product of the row-major scales. On CPU the mma kernel (scales
+# per tile, per chunk at group 32) and the panel path; on a Hopper GPU the automatic kernels, wgmma
+# at M = 1 and 16, the ring kernel at 64 and the panel path at 600. Split-K sums may add in another
+# order, hence a tolerance far below the error of a scale read from the wrong place (scales of 0.05
+# to 2.05).
+@pytest.mark.parametrize("m, group, panel", [(1, 128, False), (16, 128, False), (64, 128, False), (600, 128, False),
+                                             (5, 32, False), (5, 128, True)])
+def test_scales_in_any_strides_give_the_same_product(m, group, panel):
+    n, k = 200, 1024
+    _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, 6, group, "fp16", seed=3))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+    args = dict(bits=6, group=group, n=n, k=k, config=LaunchConfig("panel", 0, 64, 256, panel_rows=128) if panel else None)
+    row_major = lut_matmul(x, words, codebook, scales, **args)
+    assert relative_error(row_major, reference_lut_matmul(x.cpu(), words.cpu(), codebook.cpu(), scales.cpu(),
+                                                          **{a: args[a] for a in ("bits", "group", "n", "k")})) < 1e-2
+    wide = torch.zeros(n, 2 * scales.shape[1], dtype=scales.dtype, device=DEVICE)
+    wide[:, ::2] = scales
+    for layout in (groups_major(scales), wide[:, ::2]):
+        assert not layout.is_contiguous() and torch.equal(layout, scales)
+        torch.testing.assert_close(lut_matmul(x, words, codebook, layout, **args), row_major, rtol=2e-3, atol=2e-3)
 
 
 def test_ring_launch_fills_one_wave_of_the_programs_that_fit():
