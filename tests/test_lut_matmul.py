@@ -446,7 +446,8 @@ def test_scales_in_any_strides_give_the_same_product(m, group, panel):
     n, k = 200, 1024
     _, words, codebook, scales = (t.to(DEVICE) for t in make_layer(n, k, 6, group, "fp16", seed=3))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
-    args = dict(bits=6, group=group, n=n, k=k, config=LaunchConfig("panel", 0, 64, 256, panel_rows=128) if panel else None)
+    config = LaunchConfig("panel", 0, 64, 256, panel_rows=128) if panel else None
+    args = dict(bits=6, group=group, n=n, k=k, config=config)
     row_major = lut_matmul(x, words, codebook, scales, **args)
     assert relative_error(row_major, reference_lut_matmul(x.cpu(), words.cpu(), codebook.cpu(), scales.cpu(),
                                                           **{a: args[a] for a in ("bits", "group", "n", "k")})) < 1e-2
