@@ -42,6 +42,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_wait
 from triton.runtime.interpreter import InterpretedFunction
 
 from sopq.formats import decode_scales, num_groups
@@ -368,7 +369,11 @@ def _lut_dequant_kernel(
 def _cast_and_clear_kernel(sums_ptr, out_ptr, numel, N, stride_om, stride_on, BLOCK: tl.constexpr):
     """out = the (M, N) row-major fp32 split-K sums, in out's dtype, and the sums back to zero
     (_split_k_workspace): one kernel where zeroing the sums before the launch and casting them after
-    took two."""
+    took two. Launched as a programmatic dependent launch (lut_matmul): its programs may start
+    while the kernel that adds the sums still runs, and wait here until it has finished and its
+    sums are visible.
+    """
+    gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.load(sums_ptr + offs, mask=mask)
@@ -654,6 +659,10 @@ def _lut_wgmma_kernel(
         # Words first: they come from memory, x from L2.
         _g_load_words(words0_desc, words1_desc, w0_smem, w1_smem, ready, i, k0, n0, x_desc.block_type.nbytes, W1)
         _tma_load(x_desc, [pid_m * BLOCK_M, k0], ready.index(i), x_smem.index(i))
+    # The cast kernel after a split-K launch (lut_matmul) may start once every program has come
+    # this far: its launch overlaps the last programs, and it waits for them (gdc_wait).
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.b32 $0, 0;", "=r,r",
+                              [gl.arange(0, 128, layout=_G_TABLE)], dtype=gl.int32, is_pure=False, pack=1)
 
     offs_n = n0 + gl.arange(0, G_BLOCK_N, layout=gl.SliceLayout(1, ACC))
     scale_rows = scales_ptr + gl.minimum(offs_n, N - 1).to(gl.int64) * stride_sn
@@ -1344,7 +1353,7 @@ def lut_matmul(
         out.copy_(y)
     elif y is not out:
         _cast_and_clear_kernel[(triton.cdiv(m * n, CAST_BLOCK),)](y, out, m * n, n, out.stride(0), out.stride(1),
-                                                                BLOCK=CAST_BLOCK)
+                                                                BLOCK=CAST_BLOCK, launch_pdl=True)
     return out
 
 
