@@ -366,14 +366,16 @@ def _lut_dequant_kernel(
 
 
 @triton.jit
-def _cast_and_clear_kernel(sums_ptr, out_ptr, numel, N, stride_om, stride_on, BLOCK: tl.constexpr):
+def _cast_and_clear_kernel(sums_ptr, out_ptr, numel, N, stride_om, stride_on, BLOCK: tl.constexpr,
+                           DEPENDENT: tl.constexpr):
     """out = the (M, N) row-major fp32 split-K sums, in out's dtype, and the sums back to zero
     (_split_k_workspace): one kernel where zeroing the sums before the launch and casting them after
-    took two. Launched as a programmatic dependent launch (lut_matmul): its programs may start
-    while the kernel that adds the sums still runs, and wait here until it has finished and its
-    sums are visible.
+    took two. DEPENDENT (Hopper and later): launched as a programmatic dependent launch
+    (lut_matmul), its programs may start while the kernel that adds the sums still runs, and wait
+    here until it has finished and its sums are visible (griddepcontrol needs sm_90).
     """
-    gdc_wait()
+    if DEPENDENT:
+        gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.load(sums_ptr + offs, mask=mask)
@@ -1332,9 +1334,8 @@ def lut_matmul(
         # The codebook in x's dtype, as for the wgmma kernel; the scales multiply the decoded tile.
         _lut_wgmma_ring_kernel[grid](x_desc, word_descs[0], word_descs[-1], codebook.to(x.dtype), scales, y, sums,
                                      arrivals, m, n, k, *scales.stride(), k_per_split, y.stride(0), y.stride(1),
-                                     W1=widths[1],
-                                     GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8, SPLIT_K=grid[2],
-                                     TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
+                                     W1=widths[1], GROUP=group, SCALE_IS_E8M0=scales.dtype == torch.uint8,
+                                     SPLIT_K=grid[2], TABLE_SIZE=2**bits, BLOCK_M=config.block_m,
                                      ROW_BLOCKS=config.block_n // G_BLOCK_N.value, STAGES=config.num_stages,
                                      BOX_STAGES=max(2, G_RING_LOOKAHEAD_TILES // tiles_per_box), num_warps=4)
     elif config.kernel in ("mma", "mma_w"):
@@ -1352,8 +1353,10 @@ def lut_matmul(
     if interpreted:
         out.copy_(y)
     elif y is not out:
+        dependent = torch.cuda.get_device_capability(x.device)[0] >= 9
         _cast_and_clear_kernel[(triton.cdiv(m * n, CAST_BLOCK),)](y, out, m * n, n, out.stride(0), out.stride(1),
-                                                                BLOCK=CAST_BLOCK, launch_pdl=True)
+                                                                BLOCK=CAST_BLOCK, DEPENDENT=dependent,
+                                                                launch_pdl=dependent)
     return out
 
 

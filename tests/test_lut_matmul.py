@@ -1,6 +1,10 @@
 """lut_matmul against the float64 reference; without a GPU, conftest.py puts Triton in interpreter mode."""
 import dataclasses
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -391,6 +395,33 @@ def test_split_k_leaves_the_workspace_at_zero():
     assert len(_SPLIT_K_WORKSPACES) >= 2  # one per stream
 
 
+_COMPILE_CAST_KERNEL = """
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+L = importlib.import_module("kernels.lut_matmul")
+kernel = L._cast_and_clear_kernel
+signature = dict(sums_ptr="*fp32", out_ptr="*fp16", numel="i32", N="i32", stride_om="i32", stride_on="i32",
+                 BLOCK="constexpr", DEPENDENT="constexpr")
+for capability, dependent in ((80, False), (90, True)):
+    constexprs = {(kernel.arg_names.index("BLOCK"),): L.CAST_BLOCK, (kernel.arg_names.index("DEPENDENT"),): dependent}
+    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4))
+    print(capability, "griddepcontrol.wait" in compiled.asm["ptx"])
+"""
+
+
+def test_cast_kernel_compiles_for_gpus_before_hopper():
+    # lut_matmul launches the split-K cast as a programmatic dependent launch on sm_90 and later
+    # only: griddepcontrol (gdc_wait) does not assemble for an A100 (sm_80). Compiled offline, in a
+    # process without the interpreter; no GPU needed.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CAST_KERNEL], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["80", "False", "90", "True"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the race needs a GPU's warps running at once")
 def test_cast_and_clear_reads_every_sum_before_zeroing_it():
     # Triton lays out the kernel's load and its zeroing store differently, so other warps zero the
@@ -403,7 +434,7 @@ def test_cast_and_clear_reads_every_sum_before_zeroing_it():
         expected = sums.half().view(m, n)
         out = torch.empty(m, n, dtype=torch.float16, device="cuda")
         _cast_and_clear_kernel[(triton.cdiv(m * n, CAST_BLOCK),)](sums, out, m * n, n, out.stride(0), out.stride(1),
-                                                                BLOCK=CAST_BLOCK)
+                                                                BLOCK=CAST_BLOCK, DEPENDENT=HOPPER)
         assert torch.equal(out, expected)
         assert not sums.any()
 
